@@ -9,6 +9,7 @@ shards per table (see ``onemall_pl.data.io``). Tables (DESIGN.md, "Data contract
 - ``events``       one row per exposure, with the click -> order funnel and GMV.
 - ``watches``      the entertainment watch log (user watched a short-video for ``watch_s``),
                    source of the *watching* item2item relation (paper 3.1.1). Optional.
+- ``categories``   optional category tree: id, name, level (1..3), parent.
 - ``users``        optional profile: ``user_id`` plus categorical columns.
 - ``samples``      derived: one row per request with a positive, sequences strictly before it.
 - ``item2item``    derived: (item_a, item_b, relation) pairs for the tokenizer.
@@ -113,6 +114,12 @@ TABLES: dict[str, TableSpec] = {
             Column("item_id", pa.int64()),
             Column("watch_s", pa.float32(), finite=True, non_negative=True),
         ), doc="entertainment watch log"),
+        TableSpec("categories", (
+            Column("category_id", pa.int32(), non_negative=True),
+            Column("name", pa.string()),
+            Column("level", pa.int8()),
+            Column("parent_id", pa.int32(), nullable=True),
+        ), key="category_id", doc="optional category tree (names for L1..L3 ids)"),
         TableSpec("users", (Column("user_id", pa.int64(), non_negative=True),),
                   key="user_id", extra_columns=True, doc="optional user profile"),
         TableSpec("samples", (
