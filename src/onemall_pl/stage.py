@@ -6,8 +6,8 @@
 
 A stage's LightningModule implements :class:`Exportable` (``export_artifact``), which writes
 its artifact folder through :func:`onemall_pl.artifacts.write_artifact` on rank 0.
-Resuming: ``fit --ckpt_path last`` restarts from the newest checkpoint of the run directory
-(``trainer.default_root_dir``), or from scratch when there is none.
+Resuming: ``fit --ckpt_path last`` restarts from ``<trainer.default_root_dir>/checkpoints/last.ckpt``
+(model, optimiser, schedulers, loop and datamodule state), or from scratch when there is none.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 
@@ -85,11 +86,15 @@ class StageCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
-    def before_fit(self) -> None:
-        # `--ckpt_path last` with no checkpoint yet starts from scratch instead of failing.
-        ckpt = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt == "last":
-            try:
-                resolve_ckpt(self.trainer, "last")
-            except ValueError:
-                self.config_init[self.subcommand]["ckpt_path"] = None
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:
+        # One fixed checkpoint folder per run directory with a `last.ckpt`, so that rerunning
+        # `fit --ckpt_path last` after a kill resumes (Lightning starts from scratch, with a
+        # warning, when there is no checkpoint yet) and `export` finds the weights.
+        trainer = super().instantiate_trainer(**kwargs)
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                if cb.dirpath is None:
+                    cb.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")
+                if cb.save_last is None:
+                    cb.save_last = True
+        return trainer
