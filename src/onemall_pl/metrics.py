@@ -1,0 +1,79 @@
+"""Retrieval metrics shared by every model that returns a top-K list (OneMall, SASRec, TIGER).
+
+All functions take the retrieved lists ``topk_BK`` (item ids, best first; ``-1`` pads a list
+shorter than K, e.g. a beam that found fewer valid items) and the held-out positives
+``targets_BT`` (item ids, ``-1`` pads requests with fewer than T targets), and return one
+value per request, so a caller averages them globally or per scenario.
+
+- HR@K (paper Sec. 4, "simulation hit rate"): the share of a request's held-out positive
+  items found in its top-K, averaged over requests. With one target per request
+  (leave-one-out) it is the literature's HR@K = Recall@K, so :func:`recall_at_k` is the
+  same function.
+- NDCG@K (literature): DCG of the hits (gain 1, discount ``1/log2(rank + 2)``) over the
+  ideal DCG of ``min(T, K)`` hits.
+
+Legend: B requests, K retrieved per request, T targets per request, N items.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+PAD = -1
+
+
+def target_ranks(topk_BK: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """0-based position of each target in its request's top-K list; K where absent (and for pads)."""
+    K = topk_BK.shape[1]
+    match_BTK = (targets_BT[:, :, None] == topk_BK[:, None, :]) & (targets_BT[:, :, None] != PAD)
+    pos_K = torch.arange(K, device=topk_BK.device)
+    return torch.where(match_BTK, pos_K, K).amin(dim=-1) if K else torch.zeros_like(targets_BT)
+
+
+def hr_at_k(topk_BK: torch.Tensor, targets_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """Per request: the share of its targets found in the first ``k`` retrieved items."""
+    valid_BT = targets_BT != PAD
+    n_B = valid_BT.sum(1)
+    if (n_B == 0).any():
+        raise ValueError("a request has no target: every evaluated request needs a held-out positive")
+    hits_B = ((target_ranks(topk_BK[:, :k], targets_BT) < k) & valid_BT).sum(1)
+    return hits_B.float() / n_B.float()
+
+
+recall_at_k = hr_at_k
+
+
+def ndcg_at_k(topk_BK: torch.Tensor, targets_BT: torch.Tensor, k: int) -> torch.Tensor:
+    """Per request: NDCG@k with binary relevance of the targets."""
+    valid_BT = targets_BT != PAD
+    rank_BT = target_ranks(topk_BK[:, :k], targets_BT)
+    gain_BT = torch.where((rank_BT < k) & valid_BT, 1.0 / torch.log2(rank_BT.float() + 2.0), 0.0)
+    discounts = torch.tensor([1.0 / math.log2(i + 2.0) for i in range(max(k, 1))], device=topk_BK.device)
+    ideal_B = torch.cumsum(discounts, 0)[(valid_BT.sum(1).clamp(min=1, max=k) - 1)]
+    return gain_BT.sum(1) / ideal_B
+
+
+def topk_excluding(scores_BN: torch.Tensor, k: int, exclude_BH: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``k`` best columns of ``scores_BN`` (full ranking), skipping ``exclude_BH``.
+
+    ``exclude_BH`` holds column indices to drop per row (e.g. the user's history), ``-1`` pads.
+    """
+    if exclude_BH is not None and exclude_BH.numel():
+        scores_BN = scores_BN.clone()
+        rows_BH = torch.arange(scores_BN.shape[0], device=scores_BN.device)[:, None].expand_as(exclude_BH)
+        keep = exclude_BH >= 0
+        scores_BN[rows_BH[keep], exclude_BH[keep]] = float("-inf")
+    return scores_BN.topk(min(k, scores_BN.shape[1]), dim=1).indices
+
+
+def pad_lists(lists, width: int | None = None, value: int = PAD) -> torch.Tensor:
+    """A list of int lists as a ``(len, width)`` int64 tensor padded with ``value`` (right)."""
+    width = max((len(x) for x in lists), default=0) if width is None else width
+    out = torch.full((len(lists), width), value, dtype=torch.long)
+    for i, x in enumerate(lists):
+        x = list(x)[:width]
+        if x:
+            out[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return out

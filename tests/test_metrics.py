@@ -1,0 +1,37 @@
+import math
+
+import pytest
+import torch
+
+from onemall_pl.metrics import hr_at_k, ndcg_at_k, pad_lists, recall_at_k, topk_excluding
+
+
+def test_hr_is_share_of_targets_found():
+    topk = torch.tensor([[5, 3, 9, 1], [2, 4, 6, 8]])
+    targets = pad_lists([[3, 7], [8]])
+    assert hr_at_k(topk, targets, 2).tolist() == [0.5, 0.0]
+    assert hr_at_k(topk, targets, 4).tolist() == [0.5, 1.0]
+    assert recall_at_k is hr_at_k
+
+
+def test_ndcg_single_and_multi_target():
+    topk = torch.tensor([[5, 3, 9, 1], [2, 4, 6, 8]])
+    targets = pad_lists([[5], [4, 8]])
+    got = ndcg_at_k(topk, targets, 4)
+    ideal2 = 1 + 1 / math.log2(3)
+    assert got[0].item() == pytest.approx(1.0)
+    assert got[1].item() == pytest.approx((1 / math.log2(3) + 1 / math.log2(5)) / ideal2)
+    assert ndcg_at_k(topk, targets, 1).tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_padded_topk_and_missing_target():
+    topk = pad_lists([[1, 2]], width=4)
+    assert hr_at_k(topk, pad_lists([[-1, 2]]), 4).tolist() == [1.0]
+    with pytest.raises(ValueError, match="no target"):
+        hr_at_k(topk, pad_lists([[]], width=1), 4)
+
+
+def test_topk_excluding_history():
+    scores = torch.tensor([[0.9, 0.8, 0.1, 0.5]])
+    assert topk_excluding(scores, 2).tolist() == [[0, 1]]
+    assert topk_excluding(scores, 2, torch.tensor([[0, -1]])).tolist() == [[1, 3]]
