@@ -92,6 +92,9 @@ def test_request_histories_match_a_direct_computation():
             u, t, seq = naive[r["request_id"]]
             assert (r["user_id"], r["ts"]) == (u, t)
             assert (r["seq_exposure"], r["seq_click"], r["seq_order"]) == (seq["exposure"], seq["click"], seq["order"])
+    batches = list(B.iter_request_histories(ev, 5, 5, 5, max_list_values=300))
+    assert len(batches) > 3
+    assert pa.concat_tables(batches).sort_by("request_id").equals(B.request_histories(ev, 5, 5, 5))
     sub = B.request_histories(ev, 5, 5, 5, request_ids=np.array([3, 7, 100]))
     assert sub.column("request_id").to_pylist() == [3, 7, 100]
     assert sub.to_pylist() == B.request_histories(ev, 5, 5, 5).take(pa.array([3, 7, 100])).to_pylist()

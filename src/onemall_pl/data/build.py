@@ -144,8 +144,8 @@ def request_histories(events: pa.Table, max_exposure: int, max_click: int, max_o
 
     Each ``seq_*`` holds the user's latest ``max_*`` exposed / clicked / ordered item ids
     with event time strictly before the request's time, oldest first. ``request_ids``
-    restricts the rows to those requests (the histories still use all of ``events``).
-    Rows are sorted by ``request_id``. Vectorised: one sort per behaviour, one binary search
+    restricts the rows to those requests, in that order (the histories still use all of
+    ``events``); otherwise rows are sorted by ``request_id``. Vectorised: one sort per behaviour, one binary search
     per request.
     """
     for name, m in (("max_exposure", max_exposure), ("max_click", max_click), ("max_order", max_order)):
@@ -179,6 +179,31 @@ def request_histories(events: pa.Table, max_exposure: int, max_click: int, max_o
         o = np.lexsort((r, k))  # chronological, log order within a second
         out[col] = _windows(k[o], it[o], q_key, q_user, max_len)
     return pa.table(out)
+
+
+def iter_request_histories(events: pa.Table, max_exposure: int, max_click: int, max_order: int, *,
+                           request_ids: np.ndarray | None = None,
+                           max_list_values: int = 50_000_000) -> Iterator[pa.Table]:
+    """:func:`request_histories` in batches, one bucket of users (``user_id % n``) at a time.
+
+    ``n`` is chosen so a batch holds at most about ``max_list_values`` sequence elements
+    (and at most ~4M events), which keeps a 10M-event log in a few GB.
+    """
+    req = _requests(events)
+    rid = req["request_id"] if request_ids is None else np.asarray(request_ids, np.int64)
+    pos = np.minimum(np.searchsorted(req["request_id"], rid), max(len(req["request_id"]) - 1, 0))
+    if len(rid) and (len(req["request_id"]) == 0 or (req["request_id"][pos] != rid).any()):
+        raise ValueError("request_ids holds ids that are not in events")
+    user = req["user_id"][pos]
+    n = max(1, math.ceil(len(rid) * (max_exposure + max_click + max_order) / max_list_values),
+            math.ceil(events.num_rows / 4_000_000))
+    n = min(n, max(1, len(np.unique(user))))
+    ev_bucket = events.column("user_id").to_numpy() % n
+    for b in range(n):
+        sel = user % n == b
+        if sel.any():
+            ev = events.take(pa.array(np.flatnonzero(ev_bucket == b))) if n > 1 else events
+            yield request_histories(ev, max_exposure, max_click, max_order, request_ids=rid[sel])
 
 
 # ----------------------------------------------------------------------------- samples
@@ -228,23 +253,15 @@ def iter_samples(events: pa.Table, info: DatasetInfo, max_exposure: int, max_cli
     rid, targets = _targets(events)
     req = _requests(events)
     at = np.searchsorted(req["request_id"], rid)
-    user, ts = req["user_id"][at], req["ts"][at]
     ev_ts = events.column("ts").to_numpy()
-    split = assign_splits(user, ts, rid, leave_one_out=is_leave_one_out(info),
+    split = assign_splits(req["user_id"][at], req["ts"][at], rid, leave_one_out=is_leave_one_out(info),
                           t0=int(ev_ts.min()), t1=int(ev_ts.max()))
-    n_buckets = max(1, math.ceil(len(rid) * (max_exposure + max_click + max_order) / max_list_values),
-                    math.ceil(events.num_rows / 4_000_000))
-    n_buckets = min(n_buckets, max(1, len(np.unique(user))))
-    stats.update(buckets=n_buckets, requests_with_positive=len(rid),
-                 dropped_empty_history={s: 0 for s in SPLITS})
+    stats.update(buckets=0, requests_with_positive=len(rid), dropped_empty_history={s: 0 for s in SPLITS})
     split_names = pa.array(SPLITS)
-    ev_bucket = events.column("user_id").to_numpy() % n_buckets
-    for b in range(n_buckets):
-        sel = np.flatnonzero(user % n_buckets == b)
-        if not len(sel):
-            continue
-        ev = events.take(pa.array(np.flatnonzero(ev_bucket == b))) if n_buckets > 1 else events
-        h = request_histories(ev, max_exposure, max_click, max_order, request_ids=rid[sel])
+    for h in iter_request_histories(events, max_exposure, max_click, max_order, request_ids=rid,
+                                    max_list_values=max_list_values):
+        stats["buckets"] += 1
+        sel = np.searchsorted(rid, h.column("request_id").to_numpy())
         lens = sum(pc.list_value_length(h.column(c)).to_numpy() for c in ("seq_exposure", "seq_click", "seq_order"))
         keep = lens > 0
         for s, n in zip(SPLITS, np.bincount(split[sel][~keep], minlength=3)):
