@@ -35,3 +35,15 @@ def test_topk_excluding_history():
     scores = torch.tensor([[0.9, 0.8, 0.1, 0.5]])
     assert topk_excluding(scores, 2).tolist() == [[0, 1]]
     assert topk_excluding(scores, 2, torch.tensor([[0, -1]])).tolist() == [[1, 3]]
+
+
+def test_retrieval_metrics_per_scenario():
+    from onemall_pl.metrics import RetrievalMetrics, flat_metrics
+
+    m = RetrievalMetrics(hr_k=(1, 2), ndcg_k=(2,))
+    m.update(torch.tensor([[1, 2], [3, 4], [5, 6]]), pad_lists([[2], [3, 9], [7]]), torch.tensor([0, 2, 2]))
+    out = m.compute()
+    assert out["overall"]["HR@2"] == pytest.approx((1 + 0.5 + 0) / 3)
+    assert out["product_card"]["HR@1"] == 0.0 and out["live_stream"]["HR@1"] == pytest.approx(0.25)
+    assert "short_video" not in out and out["requests"] == {"overall": 3, "product_card": 1, "live_stream": 2}
+    assert flat_metrics(out, "test/")["test/live_stream/HR@2"] == pytest.approx(0.25)

@@ -18,8 +18,12 @@ Legend: B requests, K retrieved per request, T targets per request, N items.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+from torchmetrics import Metric
+
+from onemall_pl.data.schema import SCENARIOS
 
 PAD = -1
 
@@ -76,4 +80,59 @@ def pad_lists(lists, width: int | None = None, value: int = PAD) -> torch.Tensor
         x = list(x)[:width]
         if x:
             out[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
+    return out
+
+
+class RetrievalMetrics(Metric):
+    """HR@K and NDCG@K averaged over requests, overall and per scenario (DDP-synced sums).
+
+    ``update(topk_BK, targets_BT, scenario_B)`` with ``scenario_B`` the index of each request's
+    scenario in ``scenarios``; ``compute()`` -> ``{"overall": {"HR@50": ...}, "<scenario>": {...}}``
+    (a scenario without requests is left out) plus ``"requests"`` counts.
+    """
+
+    full_state_update = False
+
+    def __init__(self, scenarios: Sequence[str] = SCENARIOS, hr_k: Sequence[int] = (50, 100, 500),
+                 ndcg_k: Sequence[int] = (), **kw):
+        super().__init__(**kw)
+        self.scenarios, self.hr_k, self.ndcg_k = tuple(scenarios), tuple(hr_k), tuple(ndcg_k)
+        S = len(self.scenarios)
+        self.add_state("hr", torch.zeros(S, len(self.hr_k), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("ndcg", torch.zeros(S, len(self.ndcg_k), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", torch.zeros(S, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, topk_BK: torch.Tensor, targets_BT: torch.Tensor, scenario_B: torch.Tensor) -> None:
+        s_B = scenario_B.long()
+        for j, k in enumerate(self.hr_k):
+            self.hr[:, j].index_add_(0, s_B, hr_at_k(topk_BK, targets_BT, k).double())
+        for j, k in enumerate(self.ndcg_k):
+            self.ndcg[:, j].index_add_(0, s_B, ndcg_at_k(topk_BK, targets_BT, k).double())
+        self.n.index_add_(0, s_B, torch.ones_like(s_B, dtype=torch.float64))
+
+    def _row(self, hr: torch.Tensor, ndcg: torch.Tensor, n: torch.Tensor) -> dict[str, float]:
+        out = {f"HR@{k}": float(hr[j] / n) for j, k in enumerate(self.hr_k)}
+        out.update({f"NDCG@{k}": float(ndcg[j] / n) for j, k in enumerate(self.ndcg_k)})
+        return out
+
+    def compute(self) -> dict:
+        if self.n.sum() == 0:
+            raise ValueError("RetrievalMetrics.compute() before any request was added")
+        out = {"overall": self._row(self.hr.sum(0), self.ndcg.sum(0), self.n.sum())}
+        for i, s in enumerate(self.scenarios):
+            if self.n[i] > 0:
+                out[s] = self._row(self.hr[i], self.ndcg[i], self.n[i])
+        out["requests"] = {"overall": int(self.n.sum()), **{s: int(self.n[i]) for i, s in enumerate(self.scenarios)
+                                                             if self.n[i] > 0}}
+        return out
+
+
+def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
+    """``{"overall": {"HR@50": x}}`` -> ``{"<prefix>HR@50": x, "<prefix>product_card/HR@50": ...}``."""
+    out = {}
+    for scope, row in result.items():
+        if scope == "requests":
+            continue
+        for name, v in row.items():
+            out[f"{prefix}{name}" if scope == "overall" else f"{prefix}{scope}/{name}"] = v
     return out
