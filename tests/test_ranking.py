@@ -6,12 +6,12 @@ from onemall_pl.models.ranking import SEQUENCES, Config, RankingModel, esmm_loss
 
 def tiny_model(seed: int = 0) -> RankingModel:
     torch.manual_seed(seed)
-    cfg = Config(num_items=20, num_categories=9, num_shops=4, num_price_bands=3, d_emb=4, d_model=8,
+    cfg = Config(num_items=20, num_categories_l1=4, num_categories_l2=6, num_categories_l3=9, num_shops=4, num_price_bands=3, d_emb=4, d_model=8,
                  attn_hidden=8, tower_hidden=[16])
     m = RankingModel(cfg)
     I = cfg.num_items
     g = torch.Generator().manual_seed(1)
-    m.set_item_features(category=torch.randint(0, 9, (I, 3), generator=g),
+    m.set_item_features(category=torch.randint(0, 4, (I, 3), generator=g),
                         shop=torch.randint(0, 4, (I,), generator=g),
                         price_band=torch.randint(0, 3, (I,), generator=g),
                         item_type=torch.randint(0, 3, (I,), generator=g),

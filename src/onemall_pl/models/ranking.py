@@ -50,12 +50,13 @@ class Config:
     """Sizes come from the data (``EventsDataModule.sizes``, linked by the CLI); widths are free."""
 
     num_items: int = 1
-    num_categories: int = 1  # one id space for L1..L3 category ids
+    num_categories_l1: int = 1  # dense per level, 0 = "no category at this level"
+    num_categories_l2: int = 1
+    num_categories_l3: int = 1
     num_shops: int = 1
     num_price_bands: int = 1
     num_item_types: int = 3
     num_scenarios: int = 3
-    num_cat_levels: int = 3
     d_emb: int = 16  # width of each field embedding
     d_model: int = 32  # width of an item vector
     attn_hidden: int = 32  # DIN attention unit
@@ -65,6 +66,10 @@ class Config:
     @property
     def num_cross(self) -> int:
         return len(SEQUENCES) * len(CROSS_KEYS)
+
+    @property
+    def category_sizes(self) -> list[int]:
+        return [self.num_categories_l1, self.num_categories_l2, self.num_categories_l3]
 
 
 def mlp(d_in: int, hidden: list[int], d_out: int, dropout: float = 0.0) -> nn.Sequential:
@@ -83,14 +88,14 @@ class ItemTower(nn.Module):
         super().__init__()
         E = cfg.d_emb
         self.id = nn.Embedding(cfg.num_items, E)
-        self.cat = nn.ModuleList(nn.Embedding(cfg.num_categories, E) for _ in range(cfg.num_cat_levels))
+        self.cat = nn.ModuleList(nn.Embedding(n, E) for n in cfg.category_sizes)
         self.shop = nn.Embedding(cfg.num_shops, E)
         self.band = nn.Embedding(cfg.num_price_bands, E)
         self.itype = nn.Embedding(cfg.num_item_types, E)
-        self.proj = nn.Linear(E * (4 + cfg.num_cat_levels) + 1, cfg.d_model)
+        self.proj = nn.Linear(E * (4 + len(self.cat)) + 1, cfg.d_model)
         # Side features of every catalogue item, filled by `set_item_features` (saved with the weights).
         I = cfg.num_items
-        self.register_buffer("cat_IC", torch.zeros(I, cfg.num_cat_levels, dtype=torch.long))
+        self.register_buffer("cat_IC", torch.zeros(I, len(self.cat), dtype=torch.long))
         self.register_buffer("shop_I", torch.zeros(I, dtype=torch.long))
         self.register_buffer("band_I", torch.zeros(I, dtype=torch.long))
         self.register_buffer("type_I", torch.zeros(I, dtype=torch.long))
@@ -100,8 +105,8 @@ class ItemTower(nn.Module):
     def set_item_features(self, category: torch.Tensor, shop: torch.Tensor, price_band: torch.Tensor,
                           item_type: torch.Tensor, price: torch.Tensor) -> None:
         """Copy the catalogue's side features (rows indexed by dense item index)."""
-        for name, t, hi in (("category", category, self.cat[0].num_embeddings),
-                            ("shop", shop, self.shop.num_embeddings),
+        checks = [(f"category L{j + 1}", category[:, j], e.num_embeddings) for j, e in enumerate(self.cat)]
+        for name, t, hi in (*checks, ("shop", shop, self.shop.num_embeddings),
                             ("price_band", price_band, self.band.num_embeddings),
                             ("item_type", item_type, self.itype.num_embeddings)):
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= hi):
@@ -166,7 +171,9 @@ class RankingModel(nn.Module):
 
     def cross_features(self, seqs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor],
                        item_BN: torch.Tensor) -> torch.Tensor:
-        """3. log1p counts of history items sharing the target's id / L1 / L2 / L3 / shop: (B, N, F)."""
+        """3. log1p counts of history items sharing the target's id / L1 / L2 / L3 / shop: (B, N, F).
+
+        Category id 0 means "none at this level" and never matches."""
         it = self.items
 
         def keys(idx: torch.Tensor) -> list[torch.Tensor]:
@@ -177,8 +184,9 @@ class RankingModel(nn.Module):
         out = []
         for s in SEQUENCES:
             m_B1L = masks[s].unsqueeze(1)
-            for t_BN, h_BL in zip(tgt, keys(seqs[s])):
-                out.append(((t_BN.unsqueeze(2) == h_BL.unsqueeze(1)) & m_B1L).sum(-1))
+            for key, t_BN, h_BL in zip(CROSS_KEYS, tgt, keys(seqs[s])):
+                m = m_B1L & (h_BL > 0).unsqueeze(1) if key in ("l1", "l2", "l3") else m_B1L
+                out.append(((t_BN.unsqueeze(2) == h_BL.unsqueeze(1)) & m).sum(-1))
         return torch.log1p(torch.stack(out, -1).float())
 
     def forward(self, seqs: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], scenario_B: torch.Tensor,
