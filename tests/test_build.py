@@ -270,3 +270,38 @@ def test_build_errors_name_what_is_wrong(tmp_path):
     with pytest.raises(DataError, match=r"part-00000.parquet.*table 'events'"):
         B.build(d)
     assert not (d / "samples").exists()
+
+
+def test_build_on_the_simulated_world(tmp_path):
+    from onemall_pl.data.synth import generate
+
+    d = tmp_path / "micro"
+    generate(d, preset="micro", seed=0)
+    B.build(d, max_exposure=64, max_click=16, max_order=8)
+    s = read_table(d, "samples")
+    assert s.num_rows > 50 and set(s["split"].to_pylist()) == {"train", "valid", "test"}
+    # No leakage: each element of a sequence is matched by a distinct event of the same user and
+    # item strictly before the request (an item seen k times needs k earlier events).
+    ev = read_table(d, "events")
+    pc = pa.compute
+    for col, flag in (("seq_exposure", None), ("seq_click", "click"), ("seq_order", "order")):
+        parent = pc.list_parent_indices(s[col])
+        occ = pa.table({"req": parent, "user_id": s["user_id"].take(parent), "req_ts": s["ts"].take(parent),
+                        "item_id": pc.list_flatten(s[col])})
+        occ = occ.group_by(["req", "user_id", "req_ts", "item_id"]).aggregate([([], "count_all")])
+        e = (ev if flag is None else ev.filter(pc.equal(ev[flag], 1))).select(["user_id", "item_id", "ts"])
+        j = occ.join(e, ["user_id", "item_id"], join_type="left outer")
+        j = j.filter(pc.less(j["ts"], j["req_ts"]))
+        earlier = j.group_by(["req", "item_id"]).aggregate([([], "count_all")]).rename_columns(["req", "item_id", "n"])
+        both = occ.join(earlier, ["req", "item_id"], join_type="left outer")
+        assert occ.num_rows > 0 and pc.all(pc.greater_equal(pc.fill_null(both["n"], 0), both["count_all"])).as_py(), col
+    items = read_table(d, "items")
+    cats = read_table(d, "categories")
+    name = dict(zip(cats["category_id"].to_pylist(), cats["name"].to_pylist()))
+    cat = dict(zip(items["item_id"].to_pylist(), items["category"].to_pylist()))
+    itype = dict(zip(items["item_id"].to_pylist(), items["item_type"].to_pylist()))
+    p = read_table(d, "item2item").to_pylist()
+    watch = [(r["item_a"], r["item_b"]) for r in p if r["relation"] == "watching"]
+    assert watch and all(itype[v] == "video" and itype[q] == "product" for v, q in watch)
+    excluded = set(B.Item2ItemConfig().excluded_video_categories)
+    assert not any(name[c] in excluded for v, _ in watch for c in cat[v])
