@@ -15,7 +15,8 @@ nulls, enum values, finite non-negative prices...) and then against the others:
 The first violation raises a :class:`~onemall_pl.data.schema.DataError` naming the file,
 table, column and row, and nothing is written: the folder appears whole or not at all.
 The dataset is split by time when ``onemall data build`` derives its samples (see
-``onemall_pl.data.build``). The MovieLens and Amazon loaders write through
+``onemall_pl.data.build``); set ``split_rule`` in ``dataset.json`` to a text starting with
+``leave-one-out`` to split per user instead, as for MovieLens and Amazon. The MovieLens and Amazon loaders write through
 :func:`write_dataset` too, so every dataset passes the same checks.
 """
 
