@@ -220,3 +220,50 @@ def test_map_dataset(folder):
     assert sorted(ids) == sorted(_train_ids(folder)) and batches[0]["seq_click"].shape == (10, 4)
     plain = ParquetMapDataset(synthetic_samples(5, seq_len=2))
     assert len(plain) == 5 and plain[-1]["request_id"] == 4
+
+
+class _Recorder:
+    """A LightningModule + DataModule pair that records the request ids it trains on."""
+
+    @staticmethod
+    def make(folder, seen):
+        import lightning as L
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+
+            def training_step(self, batch, batch_idx):
+                seen.extend(batch["request_id"].tolist())
+                return (self.w * batch["request_id"].float().mean()).sum()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        class Data(L.LightningDataModule):
+            def setup(self, stage):
+                self.stream = ParquetStream(folder, batch_size=8, seed=2, columns=["request_id"],
+                                            collate=partial(collate_sequences, seq_columns={}))
+
+            def train_dataloader(self):
+                return self.stream.loader(num_workers=2)
+
+        return Module(), Data()
+
+
+@pytest.mark.slow
+def test_lightning_saves_and_restores_the_stream_position(folder, tmp_path):
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, max_epochs=1)
+    seen: list[int] = []
+    ckpt = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=5, save_top_k=-1)
+    L.Trainer(callbacks=[ckpt], **kw).fit(*_Recorder.make(folder, seen))
+    assert sorted(seen) == list(range(N))
+    full, seen[:] = list(seen), []
+    L.Trainer(**kw, enable_checkpointing=False).fit(*_Recorder.make(folder, seen),
+                                                    ckpt_path=tmp_path / "step=5.ckpt")
+    assert seen == full[5 * 8:], "the resumed run trains on exactly the rest of the epoch, in order"
