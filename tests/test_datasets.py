@@ -1,3 +1,4 @@
+import math
 from functools import partial
 from itertools import islice
 
@@ -201,6 +202,20 @@ def test_stream_yields_collated_batches_through_workers(folder):
     assert sorted(b["targets"].shape[0] for b in batches) == [N % 16] + [16] * (N // 16)
     assert all(b["targets"].shape[1] == 4 for b in batches)
     assert sorted(torch.cat([b["request_id"] for b in batches]).tolist()) == list(range(N))
+
+
+def test_collate_gathering_rows_equals_collating_a_take(folder):
+    collate = partial(collate_sequences, seq_columns={"seq_click": 3}, set_columns={"targets": None},
+                      scalar_columns=["request_id", "scenario"])
+    t = synthetic_samples(20, seq_len=4, seed=3)
+    rows = np.array([7, 2, 19, 2])
+    a, b = collate(t, rows=rows), collate(t.take(rows))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # in the stream: batches inside one row group take this path, the others are concatenated
+    fast = list(ParquetStream(folder, batch_size=4, collate=collate, seed=7).loader())
+    slow = [collate(t) for t in ParquetStream(folder, batch_size=4, seed=7).loader()]
+    assert len(fast) == len(slow) == math.ceil(N / 4)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(fast, slow) for k in x)
 
 
 def test_map_dataset(folder):

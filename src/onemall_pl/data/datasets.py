@@ -63,6 +63,7 @@ shards are sorted by time or user.
 
 from __future__ import annotations
 
+import inspect
 import math
 import tempfile
 import time
@@ -112,31 +113,31 @@ def _list_buffers(arr: pa.Array | pa.ChunkedArray, column: str) -> tuple[np.ndar
     return arr.offsets.to_numpy(), values.to_numpy()
 
 
-def _pad(offsets: np.ndarray, values: np.ndarray, latest: bool, pad_value: int, ids: np.ndarray,
-         mask: np.ndarray) -> None:
-    """Gather a ragged list column into ``ids`` [B, L] and ``mask`` [B, L] in one vectorised step.
+def _pad(starts: np.ndarray, ends: np.ndarray, values: np.ndarray, latest: bool, pad_value: int,
+         ids: np.ndarray, mask: np.ndarray) -> None:
+    """Gather the lists ``values[starts[i]:ends[i]]`` into ``ids`` [B, L] and ``mask`` [B, L]
+    in one vectorised step.
 
     ``latest``: keep the last L items, right-aligned (the newest at position -1); otherwise
     keep the first L, left-aligned.
     """
     max_len = ids.shape[1]
-    starts, ends = offsets[:-1].astype(np.int64), offsets[1:].astype(np.int64)
     n = np.minimum(ends - starts, max_len)
     col = np.arange(max_len)
+    src = (ends[:, None] - max_len + col) if latest else (starts[:, None] + col)
+    if len(n) == 0 or n.min() == max_len:  # no padding: every list has max_len items or more
+        mask.fill(True)
+        np.take(values, src, out=ids) if values.dtype == ids.dtype else np.copyto(ids, values[src])
+        return
     if latest:
         np.greater_equal(col, (max_len - n)[:, None], out=mask)
-        src = ends[:, None] - max_len + col
     else:
         np.less(col, n[:, None], out=mask)
-        src = starts[:, None] + col
     if values.size == 0:
         ids.fill(pad_value)
         return
     np.clip(src, 0, values.size - 1, out=src)
-    if values.dtype == ids.dtype:
-        np.take(values, src, out=ids)
-    else:
-        ids[...] = values[src]
+    np.take(values, src, out=ids) if values.dtype == ids.dtype else np.copyto(ids, values[src])
     np.copyto(ids, pad_value, where=~mask)
 
 
@@ -146,7 +147,7 @@ def _buffer(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, tu
     shared-memory segment instead of one per tensor, which is most of the cost of a worker."""
     spans, nbytes = {}, 0
     for k, (shape, dtype) in layout.items():
-        size = int(np.prod(shape)) * dtype.itemsize
+        size = math.prod(shape) * dtype.itemsize
         spans[k] = nbytes
         nbytes += -(-size // 8) * 8  # keep every view 8-byte aligned
     if get_worker_info() is not None:
@@ -155,7 +156,7 @@ def _buffer(layout: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict[str, tu
         buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
     out = {}
     for k, (shape, dtype) in layout.items():
-        size = int(np.prod(shape)) * dtype.itemsize
+        size = math.prod(shape) * dtype.itemsize
         t = buf[spans[k]:spans[k] + size].view(_TORCH_DTYPES[dtype]).view(shape)
         out[k] = (t, t.numpy())
     return out
@@ -166,7 +167,7 @@ _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.float32): torch.fl
 
 
 def collate_sequences(batch: pa.Table | pa.RecordBatch, seq_columns: Mapping[str, int], *,
-                      set_columns: Mapping[str, int | None] | None = None,
+                      rows: np.ndarray | None = None, set_columns: Mapping[str, int | None] | None = None,
                       scalar_columns: Sequence[str] | None = None, pad_value: int = 0,
                       item_index: Any = None, item_columns: Sequence[str] | None = None,
                       enums: Mapping[str, Sequence[str]] | None = None) -> dict[str, torch.Tensor]:
@@ -174,6 +175,9 @@ def collate_sequences(batch: pa.Table | pa.RecordBatch, seq_columns: Mapping[str
 
     Args:
         batch: rows of a table (e.g. ``samples``), as a Table or RecordBatch.
+        rows: collate only these rows of ``batch``, in this order (default: all). A dataset
+            passes the rows of a shuffled batch of a decoded row group this way, and the
+            gather below replaces an Arrow ``take`` that costs as much as the collate.
         seq_columns: behaviour sequences, ``column -> max_len``. Each becomes a
             ``[B, max_len]`` LongTensor holding the *latest* ``max_len`` ids, right-aligned
             (the most recent item is at position ``-1``, older ones to its left, padding
@@ -204,19 +208,21 @@ def collate_sequences(batch: pa.Table | pa.RecordBatch, seq_columns: Mapping[str
     if scalar_columns is None:
         scalar_columns = [c for c in names if c not in lists]
     mapped = set(lists if item_columns is None else item_columns) if item_index is not None else set()
-    B = batch.num_rows
+    B = batch.num_rows if rows is None else len(rows)
     i64, f32, b8 = np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.bool_)
 
     # 1. read every column (zero-copy where Arrow allows) and decide the output layout
     buffers, scalars, layout = {}, {}, {}
     for c, latest in lists.items():
-        offsets, _ = buffers[c] = _list_buffers(batch.column(c), c)
+        offsets, values = _list_buffers(batch.column(c), c)
+        starts, ends = (offsets[:-1], offsets[1:]) if rows is None else (offsets[rows], offsets[rows + 1])
+        buffers[c] = (starts.astype(np.int64), ends.astype(np.int64), values)
         max_len = seq_columns[c] if latest else set_columns[c]
         if max_len is None:
-            max_len = max(1, int(np.diff(offsets).max(initial=0)))
+            max_len = max(1, int((ends - starts).max(initial=0)))
         layout[c] = ((B, int(max_len)), i64)
     for c in scalar_columns:
-        arr = batch.column(c)
+        arr = batch.column(c) if rows is None else batch.column(c).take(rows)
         t = arr.type
         if pa.types.is_list(t) or pa.types.is_large_list(t):
             raise ValueError(f"list column {c!r} is neither in seq_columns nor in set_columns; name it "
@@ -347,7 +353,9 @@ class ParquetStream(IterableDataset):
             evaluated on each row group after reading it, with pyarrow.compute.
         collate: turns an Arrow table of ``batch_size`` rows into the batch, in the worker
             (e.g. ``functools.partial(collate_sequences, seq_columns={...})``); default: the
-            Arrow table itself.
+            Arrow table itself. If it takes a ``rows=`` argument (as ``collate_sequences``
+            does), a batch within one row group is passed as the decoded row group and the
+            batch's row indices, sparing an Arrow ``take``.
         shuffle: permute row groups and the rows inside each, by (seed, epoch).
         seed: the shuffling seed; every rank must use the same.
         drop_last: drop each rank's last partial batch.
@@ -376,6 +384,7 @@ class ParquetStream(IterableDataset):
         self._read_columns = (None if self.columns is None
                               else self.columns + [c for c in self.filter if c not in self.columns])
         self.batch_size, self.collate, self.shuffle, self.seed = batch_size, collate, shuffle, seed
+        self._collate_rows = collate is not None and "rows" in inspect.signature(collate).parameters
         self.drop_last, self.even, self._rank, self._world_size = drop_last, even, rank, world_size
         self.epoch = 0
         self._units: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # file, row group, rows
@@ -532,11 +541,16 @@ class ParquetStream(IterableDataset):
                     parts.append(self._unit_rows(u, start - cum[p], take))
                     start += take
                     p += 1
-                t = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+                if len(parts) == 1 and self._collate_rows:  # the collate gathers the rows itself
+                    yield self.collate(parts[0][0], rows=parts[0][1])
+                    continue
+                t = pa.concat_tables([t if r is None else t.take(r) for t, r in parts])
                 yield t if self.collate is None else self.collate(t)
 
-    def _unit_rows(self, u: int, offset: int, length: int) -> pa.Table:
-        """``length`` rows from ``offset`` of unit ``u`` (filtered, shuffled for this epoch)."""
+    def _unit_rows(self, u: int, offset: int, length: int) -> tuple[pa.Table, np.ndarray | None]:
+        """``length`` rows from ``offset`` of unit ``u`` (filtered, shuffled for this epoch), as
+        (table, row indices into it) — or (a zero-copy slice, None) when the unit is read in
+        order. The indices of a batch are sorted: same rows, a faster gather."""
         key = (u, self.epoch)
         if self._cache.get("key") != key:
             self._cache.clear()
@@ -552,12 +566,14 @@ class ParquetStream(IterableDataset):
                                 file=path)
             if self.columns is not None:
                 t = t.select(self.columns)
+            if any(c.num_chunks > 1 for c in t.columns):
+                t = t.combine_chunks()
             if self.shuffle:
                 perm = np.random.default_rng([self.seed, self.epoch, u]).permutation(int(rows[u]))
                 idx = perm if idx is None else idx[perm]
             self._cache.update(key=key, table=t, idx=idx)
         t, idx = self._cache["table"], self._cache["idx"]
-        return t.slice(offset, length) if idx is None else t.take(idx[offset:offset + length])
+        return (t.slice(offset, length), None) if idx is None else (t, np.sort(idx[offset:offset + length]))
 
 
 class StreamLoader(DataLoader):
