@@ -374,7 +374,7 @@ class ParquetStream(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.folder, self.table = Path(folder), table
         self.files = [str(f) for f in table_files(folder, table)]
-        schema = pq.read_schema(self.files[0])
+        schema = open_parquet(self.files[0], table).schema_arrow
         self.filter = _normalise_filter(filter)
         for c in [*(columns or []), *self.filter]:
             if c not in schema.names:
@@ -651,6 +651,7 @@ class ParquetMapDataset(Dataset):
             t = t.select(list(columns))
         self.table = t.combine_chunks()
         self.collate = collate
+        self._collate_rows = collate is not None and "rows" in inspect.signature(collate).parameters
         self._cols: dict[str, Any] = {}
         for c in self.table.column_names:
             arr = self.table.column(c).chunk(0) if self.table.num_rows else self.table.column(c)
@@ -675,11 +676,16 @@ class ParquetMapDataset(Dataset):
                 out[c] = v[i]
         return out
 
-    def __getitems__(self, indices: Sequence[int]) -> pa.Table:
-        return self.table.take(np.asarray(indices, dtype=np.int64))
+    def __getitems__(self, indices: Sequence[int]) -> pa.Table | tuple[pa.Table, np.ndarray]:
+        """A batch for ``collate_fn``: the rows as one Arrow ``take``, or (table, indices)
+        when the collate gathers rows itself (takes ``rows=``, like ``collate_sequences``)."""
+        rows = np.asarray(indices, dtype=np.int64)
+        return (self.table, rows) if self._collate_rows else self.table.take(rows)
 
-    def collate_fn(self, batch: pa.Table) -> Any:
+    def collate_fn(self, batch: pa.Table | tuple[pa.Table, np.ndarray]) -> Any:
         """The ``collate`` given at construction, applied to a batch from ``__getitems__``."""
+        if isinstance(batch, tuple):
+            return self.collate(batch[0], rows=batch[1])
         return batch if self.collate is None else self.collate(batch)
 
 
