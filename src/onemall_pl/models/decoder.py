@@ -20,7 +20,7 @@ catalogue, the model never reads Parquet). ``S`` = SID levels, item features per
       "scenario": long [B]                      index into SCENARIOS (schema.py)
       "exposure" | "click" | "order": {          one per behaviour, right-padded, most recent first
           "sid":   long [B, L, S]                the item's semantic ID (level-local codes)
-          "cat":   long [B, L, 3]                category ids L1..L3 (< category_sizes)
+          "cat":   long [B, L, 3]                category ids L1..L3 (< n_categories)
           "price": long [B, L]                   price band (< n_price_bands)
           "shop":  long [B, L]                   shop index (< n_shops)
           "mask":  bool [B, L]                   True = a real item (a row may be all False)
@@ -62,8 +62,8 @@ class OneMallConfig:
     # vocabularies (linked from the data / quantize manifests by the pretrain stage)
     codebook_sizes: tuple[int, ...] = (64, 64, 64)
     """Codes per SID level (quantize manifest ``codebook_sizes``)."""
-    category_sizes: tuple[int, ...] = (8, 16, 32)
-    """Ids per category level L1..L3 (catalogue ``num_categories_l1..3``, 0 = none)."""
+    n_categories: int = 64
+    """Category ids of every level are < this."""
     n_price_bands: int = 16
     n_shops: int = 256
     n_scenarios: int = 3
@@ -105,9 +105,6 @@ class OneMallConfig:
 
     def __post_init__(self):
         self.codebook_sizes = tuple(int(c) for c in self.codebook_sizes)
-        self.category_sizes = tuple(int(c) for c in self.category_sizes)
-        if len(self.category_sizes) != N_CATEGORY_LEVELS:
-            raise ValueError(f"category_sizes needs {N_CATEGORY_LEVELS} levels (L1..L3), got {self.category_sizes}")
         if len(self.codebook_sizes) < 1 or min(self.codebook_sizes) < 1:
             raise ValueError(f"codebook_sizes must be >= 1 code per level, got {self.codebook_sizes}")
         if self.dim % self.n_heads:
@@ -142,7 +139,7 @@ class OneMallConfig:
 # The table is not self-consistent: going from 12 to 24 experts (4 layers) adds 0.8B, i.e. 16.7M per
 # expert, while 0.1B -> 0.5B-A0.1B implies ~9M per expert; a d=1024, F=4096 MLP expert has 8.4M
 # (SwiGLU: 12.6M, which fits 1.3B but overshoots 0.05B, 0.5B and the active 0.1B).
-_PAPER = dict(codebook_sizes=(4096, 4096, 4096), category_sizes=(64, 512, 4096), n_price_bands=32, n_shops=10_000,
+_PAPER = dict(codebook_sizes=(4096, 4096, 4096), n_categories=1000, n_price_bands=32, n_shops=10_000,
               max_seq_len=400, item_dim=128, n_queries=50, qformer_layers=1, qformer_heads=4, item_queries=4,
               dim=1024, n_heads=8, ffn_hidden=4096, emb_dim=256)
 
@@ -192,7 +189,7 @@ class ItemEmbedding(nn.Module):
         super().__init__()
         d = cfg.item_dim
         self.sid = nn.ModuleList(nn.Embedding(c, d) for c in cfg.codebook_sizes)
-        self.cat = nn.ModuleList(nn.Embedding(c, d) for c in cfg.category_sizes)
+        self.cat = nn.ModuleList(nn.Embedding(cfg.n_categories, d) for _ in range(N_CATEGORY_LEVELS))
         self.price = nn.Embedding(cfg.n_price_bands, d)
         self.shop = nn.Embedding(cfg.n_shops, d)
 
@@ -438,8 +435,7 @@ def example_batch(cfg: OneMallConfig, batch_size: int = 2, seq_len: int | None =
 
     def feats(*lead):
         sid = torch.stack([torch.randint(c, lead, generator=g) for c in cfg.codebook_sizes], dim=-1)
-        cat = torch.stack([torch.randint(c, lead, generator=g) for c in cfg.category_sizes], dim=-1)
-        return {"sid": sid, "cat": cat,
+        return {"sid": sid, "cat": torch.randint(cfg.n_categories, (*lead, N_CATEGORY_LEVELS), generator=g),
                 "price": torch.randint(cfg.n_price_bands, lead, generator=g),
                 "shop": torch.randint(cfg.n_shops, lead, generator=g)}
 
