@@ -59,7 +59,9 @@ def beam_search(model: StepModel, trie: SIDTrie, beam: int) -> BeamResult:
         if V != trie.codebook_sizes[level]:
             raise ValueError(f"the model gives {V} codes at SID level {level + 1} but the trie's codebook has "
                              f"{trie.codebook_sizes[level]} (codebook_sizes {list(trie.codebook_sizes)})")
-        cand = score[..., None] + logp.float() + trie.mask(node.flatten(), level).view(B, k_prev, V)
+        cand = trie.mask(node.flatten(), level).view(B, k_prev, V)  # 0 / -inf, then summed in place
+        cand += logp
+        cand += score[..., None]
         score, flat = cand.view(B, -1).topk(min(beam, trie.n_nodes(level + 1)), dim=-1)
         parent, code = flat // V, flat % V
         node = trie.child(node.gather(1, parent).flatten(), code.flatten(), level).view_as(code)
