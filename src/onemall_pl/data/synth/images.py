@@ -58,12 +58,12 @@ def render(templates: np.ndarray, tidx: np.ndarray, brightness: np.ndarray, acce
         shift = rng.integers(0, 4, size=(n, 2))
     yy = (np.arange(s)[None, :, None] + shift[:, 0, None, None]) % s
     xx = (np.arange(s)[None, None, :] + shift[:, 1, None, None]) % s
-    img = templates[tidx[:, None, None], yy, xx] * brightness[:, None, None, None]
+    img = templates[tidx[:, None, None], yy, xx] * np.asarray(brightness, np.float32)[:, None, None, None]
     h = np.asarray(accent_hue, dtype=np.float32)
     accent = np.stack([np.clip(np.abs((h * 6 + k) % 6 - 3) - 1, 0, 1) for k in (0, 4, 2)], axis=-1)
     c = max(2, s // 6)
     img[:, :c, :c] = accent[:, None, None, :]
-    img += rng.normal(0.0, noise, size=img.shape).astype(np.float32)
+    img += np.float32(noise) * rng.standard_normal(size=img.shape, dtype=np.float32)
     return (np.clip(img, 0.0, 1.0) * 255).astype(np.uint8)
 
 

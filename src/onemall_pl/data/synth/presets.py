@@ -144,10 +144,10 @@ PRESETS: dict[str, WorldConfig] = {
                          requests_per_day=0.6, block_users=8_192),
     "medium": WorldConfig(n_l1=12, l2_per_l1=(6, 10), l3_per_l2=(4, 8), n_shops=8_000, n_products=200_000,
                           n_videos=60_000, n_lives=3_000, n_ent_videos=40_000, n_users=100_000, n_days=30,
-                          requests_per_day=0.45, image_pool=16),
+                          requests_per_day=0.45, image_pool=8),
     "large": WorldConfig(n_l1=12, l2_per_l1=(8, 12), l3_per_l2=(6, 12), n_shops=40_000, n_products=1_000_000,
                          n_videos=300_000, n_lives=20_000, n_ent_videos=200_000, n_users=2_000_000, n_days=60,
-                         requests_per_day=0.5, image_pool=16),
+                         requests_per_day=0.5, image_pool=8),
 }
 
 

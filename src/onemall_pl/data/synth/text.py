@@ -15,6 +15,8 @@ OCR/ASR texts reuse the same words, so every text of an item "talks about" its c
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 
 # L1 commerce categories: name, nouns (one per L2, up to 12), linked entertainment genres
@@ -108,49 +110,45 @@ def made_up_words(rng: np.random.Generator, n: int) -> list[str]:
     return out
 
 
-def _pick(rng: np.random.Generator, words, n: int) -> list[str]:
-    return [words[i] for i in rng.integers(len(words), size=n)]
-
-
-def product_text(rng: np.random.Generator, brand: str, band: int, l3_words: list[str], l2_noun: str,
-                 modifier: str, l1_name: str) -> tuple[str, str]:
+def product_text(r: random.Random, brand: str, band: int, l3_words: list[str], l2_noun: str, modifier: str,
+                 l1_name: str) -> tuple[str, str]:
     """A product's title and description; words come from its L3, L2 and L1 (in that order)."""
-    line = _pick(rng, l3_words, 2)
-    adj = _pick(rng, ADJECTIVES, 3)
+    line, line2, finish = r.choice(l3_words), r.choice(l3_words), l3_words[-1]
+    adj = r.sample(ADJECTIVES, 3)
     band_word = PRICE_BAND_WORDS[band]
-    title_parts = [brand.capitalize(), line[0].capitalize(), modifier, l2_noun]
-    if rng.random() < 0.6:
+    title_parts = [brand.capitalize(), line.capitalize(), modifier, l2_noun]
+    if r.random() < 0.6:
         title_parts.insert(1, band_word)
-    if rng.random() < 0.7:
+    if r.random() < 0.7:
         title_parts.insert(-1, adj[0])
     title = " ".join(title_parts)
-    desc = (f"The {line[0]} {modifier.lower()} {l2_noun.lower()} by {brand.capitalize()}: {adj[1]}, {adj[2]} "
-            f"and made for every {l1_name.lower()} fan. A {band_word} {l2_noun.lower()} from the {line[1]} line; "
-            f"{modifier.lower()} design, {l3_words[-1]} finish.")
+    desc = (f"The {line} {modifier.lower()} {l2_noun.lower()} by {brand.capitalize()}: {adj[1]}, {adj[2]} "
+            f"and made for every {l1_name.lower()} fan. A {band_word} {l2_noun.lower()} from the {line2} line; "
+            f"{modifier.lower()} design, {finish} finish.")
     return title, desc
 
 
-def video_text(rng: np.random.Generator, product_title: str, l2_noun: str, l3_words: list[str],
+def video_text(r: random.Random, product_title: str, l2_noun: str, l3_words: list[str],
                genre: str) -> tuple[str, str]:
     """An e-commerce short-video's title and OCR/ASR-like text about the product it sells."""
-    hook = VIDEO_HOOKS[rng.integers(len(VIDEO_HOOKS))]
-    gw = _pick(rng, GENRE_WORDS[genre], 2)
+    hook = r.choice(VIDEO_HOOKS)
+    gw = r.sample(GENRE_WORDS[genre], 2)
     title = f"{l2_noun} {hook}: {product_title.split(' ', 1)[-1].lower()} #{gw[0]}"
-    word = l3_words[rng.integers(len(l3_words))]
+    word = r.choice(l3_words)
     text = (f"OCR: {product_title} | {hook} | {word} ASR: so today I am showing this {l2_noun.lower()}, "
             f"the {word} one, {gw[0]} {gw[1]} style, link below")
     return title, text
 
 
-def live_text(rng: np.random.Generator, brand: str, l1_name: str, l2_noun: str) -> tuple[str, str]:
-    hook = LIVE_HOOKS[rng.integers(len(LIVE_HOOKS))]
+def live_text(r: random.Random, brand: str, l1_name: str, l2_noun: str) -> tuple[str, str]:
+    hook = r.choice(LIVE_HOOKS)
     title = f"{brand.capitalize()} {hook}: {l2_noun} and more"
     text = f"{brand.capitalize()} official live room. {l1_name} {l2_noun.lower()} {hook}, ask the host anything."
     return title, text
 
 
-def entertainment_text(rng: np.random.Generator, genre: str, fmt: str, creator: str) -> tuple[str, str]:
-    w = _pick(rng, GENRE_WORDS[genre], 4)
+def entertainment_text(r: random.Random, genre: str, fmt: str, creator: str) -> tuple[str, str]:
+    w = r.sample(GENRE_WORDS[genre], 4)
     title = f"{w[0]} {w[1]} {fmt.lower()} by {creator}"
     text = f"OCR: {w[0]} {w[2]} ASR: hey everyone, {creator} here, today {w[1]} {w[3]} {genre.lower()}"
     return title, text

@@ -51,6 +51,16 @@ commerce signal -- the genres the paper filters out. Linked and liked genres are
 longer. So "the latest long-viewed entertainment video 1-5 minutes before a product
 click" pairs a video with a product through the user's current focus.
 
+**What the tables show** (the rest stays in ``world/``): item ids are a random permutation
+of ``0..n_items-1`` over all kinds (an id says nothing about type or category); user ids
+are ``0..n_users-1``; a short-video's category and price are its product's; a live's
+category is that of a representative product of its shop and its price the mean price of
+the shop's products (what it sells, when, is in ``live_schedule``: 2-5 segments a day,
+1-4 products each, mostly from its shop); entertainment videos have price 0, their
+category in the entertainment branch and ``shop_id`` = ``n_shops + creator``. The
+``users`` table holds observable profile columns only (age band, city tier, device tier,
+the last loosely tied to price sensitivity), never the latent taste.
+
 **Randomness and sharding**: the catalogue and users come from streams keyed by the seed
 alone; the events of day ``d`` for user block ``b`` from a stream keyed by ``(seed, d, b)``.
 So any set of (day, block) chunks can be generated in any order or process, shards are
@@ -61,7 +71,7 @@ never changes the past).
 from __future__ import annotations
 
 import json
-import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -572,9 +582,13 @@ class World:
         c = self.config
         templates = self._templates()
         pool = self._image_pool(templates) if c.image_pool else None
+        words = {"l3": self.l3_words.tolist(), "l2": self.l2_noun.tolist(), "mod": self.l3_mod.tolist(),
+                 "l1": self.l1_name.tolist(), "brand": self.shop_brand.tolist(), "creator": self.creator_name.tolist(),
+                 "ptitle": []}  # product titles, kept for the videos that sell them (products come first)
         for b, lo in enumerate(range(0, self.n_items, rows)):
             rng = np.random.default_rng([self.seed, 21, b])
-            yield self._items_batch(rng, np.arange(lo, min(lo + rows, self.n_items)), templates, pool)
+            r = random.Random(int(rng.integers(2**63)))
+            yield self._items_batch(rng, r, np.arange(lo, min(lo + rows, self.n_items)), templates, pool, words)
 
     def _templates(self) -> np.ndarray:
         """One image template per commerce L3, then one per entertainment L3."""
@@ -615,57 +629,48 @@ class World:
             pngs += I.encode_png(I.render(templates, t[sl], 0.7 + 0.1 * b[sl], rng.random(len(t[sl])), rng))
         return [[pngs[(ti * 5 + bi) * k:(ti * 5 + bi + 1) * k] for bi in range(5)] for ti in range(len(templates))]
 
-    def _items_batch(self, rng: np.random.Generator, idx: np.ndarray, templates: np.ndarray, pool) -> pa.Table:
+    def _items_batch(self, rng: np.random.Generator, r: random.Random, idx: np.ndarray, templates: np.ndarray,
+                     pool, words: dict) -> pa.Table:
         c = self.config
-        n_l3 = len(self.l3_l2)
+        n_l3, n_shops = len(self.l3_l2), len(self.shop_q)
+        typ, prod, l3, genre = self.item_type[idx], self.item_prod[idx], self.item_l3[idx], self.item_genre[idx]
+        shop, tpl = self.item_shop[idx], self.item_tpl[idx]
         titles, texts = [], []
-        f_item, f_tpl, f_band, f_hue, f_shift = [], [], [], [], []  # one row per image (frame)
-        n_frames = np.where(self.item_type[idx] == PRODUCT, 1, np.where(
-            self.item_type[idx] == LIVE, 1, rng.integers(min(2, c.max_frames), c.max_frames + 1, len(idx))))
-        for j, i in enumerate(idx):
-            typ = self.item_type[i]
-            p = self.item_prod[i]
-            if typ == PRODUCT or typ == VIDEO:
-                l3 = self.item_l3[i]
-                words = list(self.l3_words[l3])
-                ptitle, desc = T.product_text(np.random.default_rng([self.seed, 23, p]),
-                                              str(self.shop_brand[self.item_shop[p]]), int(self.item_band[p]),
-                                              words, str(self.l2_noun[self.l3_l2[l3]]), str(self.l3_mod[l3]),
-                                              str(self.l1_name[self.l3_l1[l3]]))
-                if typ == PRODUCT:
-                    titles.append(ptitle)
-                    texts.append(desc)
-                else:
-                    tt, tx = T.video_text(rng, ptitle, str(self.l2_noun[self.l3_l2[l3]]), words,
-                                          T.GENRES[self.item_genre[i]])
-                    titles.append(tt)
-                    texts.append(tx)
-            elif typ == LIVE:
-                l3 = self.item_l3[i]
-                tt, tx = T.live_text(rng, str(self.shop_brand[self.item_shop[i]]),
-                                     str(self.l1_name[self.l3_l1[l3]]), str(self.l2_noun[self.l3_l2[l3]]))
-                titles.append(tt)
-                texts.append(tx)
+        ptitle = words["ptitle"]
+        for t, p, k, g, s, e in zip(typ.tolist(), prod.tolist(), l3.tolist(), genre.tolist(), shop.tolist(),
+                                    tpl.tolist()):
+            if t == PRODUCT:
+                assert p == len(ptitle), "products are generated first, in order"
+                tt, tx = T.product_text(r, words["brand"][s], int(self.item_band[p]), words["l3"][k],
+                                        words["l2"][self.l3_l2[k]], words["mod"][k], words["l1"][self.l3_l1[k]])
+                ptitle.append(tt)
+            elif t == VIDEO:
+                tt, tx = T.video_text(r, ptitle[p], words["l2"][self.l3_l2[k]], words["l3"][k], T.GENRES[g])
+            elif t == LIVE:
+                tt, tx = T.live_text(r, words["brand"][s], words["l1"][self.l3_l1[k]], words["l2"][self.l3_l2[k]])
             else:
-                g = self.item_genre[i]
-                e = self.item_tpl[i] - n_l3
-                tt, tx = T.entertainment_text(rng, T.GENRES[g], T.GENRE_FORMATS[e % c.ent_l3_per_genre],
-                                              str(self.creator_name[self.item_shop[i] - len(self.shop_q)]))
-                titles.append(tt)
-                texts.append(tx)
-            for f in range(n_frames[j]):
-                tpl = self.item_tpl[i]
-                if typ == VIDEO and f % 2 == 1:  # a short-video cuts between its product and its genre look
-                    tpl = n_l3 + int(self.item_genre[i]) * c.ent_l3_per_genre
-                f_item.append(j)
-                f_tpl.append(tpl)
-                f_band.append(self.item_band[p] if typ in (PRODUCT, VIDEO) else 2)
-                f_hue.append(self.shop_hue[self.item_shop[p if p >= 0 else i]] if typ != ENT else 0.0)
-                f_shift.append(3 * f)
-        f_tpl, f_band = np.asarray(f_tpl), np.asarray(f_band)
+                tt, tx = T.entertainment_text(r, T.GENRES[g], T.GENRE_FORMATS[(e - n_l3) % c.ent_l3_per_genre],
+                                              words["creator"][s - n_shops])
+            titles.append(tt)
+            texts.append(tx)
+        # images: products and lives 1, videos 2..max_frames frames (cutting between product and genre looks)
+        n_frames = np.where((typ == PRODUCT) | (typ == LIVE), 1,
+                            rng.integers(min(2, c.max_frames), c.max_frames + 1, len(idx)))
+        j = np.repeat(np.arange(len(idx)), n_frames)
+        f = np.arange(len(j)) - np.repeat(np.cumsum(n_frames) - n_frames, n_frames)
+        f_tpl = np.where((typ[j] == VIDEO) & (f % 2 == 1), n_l3 + genre[j].astype(np.int64) * c.ent_l3_per_genre,
+                         tpl[j])
+        sells = (typ[j] == PRODUCT) | (typ[j] == VIDEO)
+        f_band = np.where(sells, self.item_band[np.maximum(prod[j], 0)], 2)
+        f_hue = np.where(typ[j] == ENT, 0.0, self.shop_hue[np.minimum(shop[j], n_shops - 1)])
+        f_shift = 3 * f
         if pool is None:
             shift = (np.asarray(f_shift)[:, None] + rng.integers(0, 4, (len(f_tpl), 2))) % c.image_size
-            pngs = I.encode_png(I.render(templates, f_tpl, 0.7 + 0.1 * f_band, np.asarray(f_hue), rng, shift=shift))
+            pngs = []
+            for lo in range(0, len(f_tpl), 1024):  # bounded memory
+                sl = slice(lo, lo + 1024)
+                pngs += I.encode_png(I.render(templates, f_tpl[sl], 0.7 + 0.1 * f_band[sl], f_hue[sl], rng,
+                                              shift=shift[sl]))
         else:
             var = rng.integers(0, c.image_pool, len(f_tpl))
             pngs = [pool[t][b][v] for t, b, v in zip(f_tpl, f_band, var)]
