@@ -2,8 +2,17 @@ import pytest
 import torch
 
 from onemall_pl.artifacts import ArtifactError, load_manifest, write_artifact
-from onemall_pl.models.decoder import (BEHAVIOURS, PRESETS, DecoderBlock, OneMall, check_codebooks, count_params,
-                                       example_batch, flops_per_sample, preset)
+from onemall_pl.models.decoder import (
+    BEHAVIOURS,
+    PRESETS,
+    DecoderBlock,
+    OneMall,
+    check_codebooks,
+    count_params,
+    example_batch,
+    flops_per_sample,
+    preset,
+)
 from onemall_pl.models.moe import balance_experts
 
 

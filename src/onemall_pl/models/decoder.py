@@ -43,13 +43,13 @@ H heads, d head dim, K beams, V codebook size of a level, E contrastive embeddin
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onemall_pl.artifacts import ArtifactError
 from onemall_pl.models.moe import MoE, MoEConfig, make_ffn
 from onemall_pl.models.qformer import Attention, QFormer
 
@@ -109,7 +109,7 @@ class OneMallConfig:
             raise ValueError(f"codebook_sizes must be >= 1 code per level, got {self.codebook_sizes}")
         if self.dim % self.n_heads:
             raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        self.moe  # validates the expert settings
+        _ = self.moe  # validates the expert settings
 
     @property
     def levels(self) -> int:
@@ -139,9 +139,9 @@ class OneMallConfig:
 # The table is not self-consistent: going from 12 to 24 experts (4 layers) adds 0.8B, i.e. 16.7M per
 # expert, while 0.1B -> 0.5B-A0.1B implies ~9M per expert; a d=1024, F=4096 MLP expert has 8.4M
 # (SwiGLU: 12.6M, which fits 1.3B but overshoots 0.05B, 0.5B and the active 0.1B).
-_PAPER = dict(codebook_sizes=(4096, 4096, 4096), n_categories=1000, n_price_bands=32, n_shops=10_000,
-              max_seq_len=400, item_dim=128, n_queries=50, qformer_layers=1, qformer_heads=4, item_queries=4,
-              dim=1024, n_heads=8, ffn_hidden=4096, emb_dim=256)
+_PAPER = {"codebook_sizes": (4096, 4096, 4096), "n_categories": 1000, "n_price_bands": 32, "n_shops": 10_000,
+          "max_seq_len": 400, "item_dim": 128, "n_queries": 50, "qformer_layers": 1, "qformer_heads": 4,
+          "item_queries": 4, "dim": 1024, "n_heads": 8, "ffn_hidden": 4096, "emb_dim": 256}
 
 PRESETS: dict[str, OneMallConfig] = {
     # CPU presets for tests and the tiny pipeline
@@ -171,8 +171,6 @@ def check_codebooks(cfg: OneMallConfig, manifest) -> None:
     sizes = tuple(int(c) for c in manifest.size("codebook_sizes"))
     if sizes != cfg.codebook_sizes:
         where = getattr(manifest, "path", "") or "the quantize manifest"
-        from onemall_pl.artifacts import ArtifactError
-
         raise ArtifactError(f"{where}: semantic IDs have codebook_sizes {list(sizes)} but the model's vocabulary "
                             f"is codebook_sizes {list(cfg.codebook_sizes)}; take the sizes from the manifest "
                             f"(the pretrain stage links them) or re-run quantize")

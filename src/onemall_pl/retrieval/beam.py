@@ -52,6 +52,7 @@ def beam_search(model: StepModel, trie: SIDTrie, beam: int) -> BeamResult:
     node = torch.zeros(B, 1, dtype=torch.long, device=dev)  # the root
     score = torch.zeros(B, 1, device=dev)
     sids = torch.zeros(B, 1, 0, dtype=torch.long, device=dev)
+    parent = code = None
     for level in range(trie.levels):
         if level:
             logp = model.step(parent, code, level - 1)
@@ -96,6 +97,7 @@ def exhaustive_search(model: StepModel, trie: SIDTrie, k: int) -> BeamResult:
     logp = model.start()[:, None]  # beams = the level's nodes, in order (level 0: the root)
     B = logp.shape[0]
     score = torch.zeros(B, 1, device=logp.device)
+    parent = code = None
     for level in range(trie.levels):
         if level:
             logp = model.step(parent, code, level - 1)
@@ -206,9 +208,9 @@ def bench(beams: tuple[int, ...] = (50, 100, 500), requests: int = 4, prompt_len
         ours = beam_search(HFStepModel(model, prompt, offsets, sizes), trie, B)
         with torch.no_grad():
             hf = hf_generate(model, prompt, trie, offsets, B)
-        t_ours = _median_time(lambda: beam_search(HFStepModel(model, prompt, offsets, sizes), trie, B), repeats)
+        t_ours = _median_time(lambda b=B: beam_search(HFStepModel(model, prompt, offsets, sizes), trie, b), repeats)
         with torch.no_grad():
-            t_hf = _median_time(lambda: hf_generate(model, prompt, trie, offsets, B), repeats)
+            t_hf = _median_time(lambda b=B: hf_generate(model, prompt, trie, offsets, b), repeats)
         out[f"B{B}"] = {"identical_topk": "yes" if torch.equal(ours.sids, hf.sids) else "no",
                         "max_score_gap": float((ours.scores - hf.scores).abs().max()),
                         "ours_ms": 1e3 * t_ours, "hf_ms": 1e3 * t_hf, "speedup": t_hf / t_ours}
