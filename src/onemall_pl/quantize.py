@@ -75,6 +75,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 
 from onemall_pl.artifacts import ArtifactError, Manifest, load_manifest, stage_dir, write_artifact
+from onemall_pl.data.catalog import ItemCatalog
 from onemall_pl.io import atomic_dir, atomic_file, read_table, write_json
 from onemall_pl.models.twotower import FeatureTower, TowerConfig
 from onemall_pl.quant import FSQConfig, ResKMeans, SIDTokenizer, check_embeddings, reverse_map, stats_by_type
@@ -244,13 +245,15 @@ class LiveWorld:
         return feats
 
 
-def click_sequences(events: pa.Table, item_ids_sorted: np.ndarray, users: np.ndarray, ts: np.ndarray,
+def click_sequences(events: pa.Table, catalog: ItemCatalog, users: np.ndarray, ts: np.ndarray,
                     max_len: int) -> torch.Tensor:
     """[B, max_len] dense item indices (+1; 0 pads) of each user's last clicks strictly before ts."""
-    clicks = events.filter(pc.equal(events.column("click"), 1))
+    is_click = pc.equal(events.column("click"), 1)
+    rows = np.flatnonzero(is_click.to_numpy(zero_copy_only=False))
+    clicks = events.filter(is_click)
     u = clicks.column("user_id").to_numpy()
     t = clicks.column("ts").to_numpy()
-    it = np.searchsorted(item_ids_sorted, clicks.column("item_id").to_numpy()) + 1
+    it = catalog.index_of(clicks.column("item_id").to_numpy(), table="events", column="item_id", rows=rows) + 1
     order = np.lexsort((t, u))
     u, t, it = u[order], t[order], it[order]
     out = np.zeros((len(users), max_len), dtype=np.int64)
@@ -289,9 +292,9 @@ def train_live_twotower(world: LiveWorld, items: pa.Table, events: pa.Table, cfg
                          "the live-stream two-tower (set data.live: null to skip live-streams)")
     ev = ev.sort_by("ts")
     users, ts, lives = (ev.column(c).to_numpy() for c in ("user_id", "ts", "item_id"))
-    item_ids_sorted = np.sort(items.column("item_id").to_numpy())
-    data = {"user": {"clicks": click_sequences(events, item_ids_sorted, users, ts, cfg.max_seq_len)},
-            "item": world.features(lives, ts), "item_id": torch.from_numpy(lives)}
+    catalog = ItemCatalog(items)
+    data = {"user": {"clicks": click_sequences(events, catalog, users, ts, cfg.max_seq_len)},
+            "item": world.features(lives, ts), "item_id": torch.tensor(lives)}
     freq = np.unique(lives[: int(len(lives) * (1 - cfg.val_fraction))], return_counts=True)
     q = dict(zip(freq[0].tolist(), (freq[1] / freq[1].sum()).tolist()))
     data["logq"] = torch.tensor([np.log(q.get(i, 1.0 / len(lives))) for i in lives.tolist()], dtype=torch.float32)
@@ -302,7 +305,7 @@ def train_live_twotower(world: LiveWorld, items: pa.Table, events: pa.Table, cfg
                           generator=torch.Generator().manual_seed(seed), drop_last=split > cfg.batch_size)
     val_dl = DataLoader(_DictDataset(sub(data, slice(split, None))), batch_size=cfg.batch_size)
     pl.seed_everything(seed, workers=True, verbose=False)
-    user = FeatureTower(TowerConfig({"clicks": len(item_ids_sorted) + 1}, cfg.embed_dim, cfg.hidden, cfg.out_dim))
+    user = FeatureTower(TowerConfig({"clicks": len(catalog) + 1}, cfg.embed_dim, cfg.hidden, cfg.out_dim))
     item = FeatureTower(TowerConfig(world.fields(), cfg.embed_dim, cfg.hidden, cfg.out_dim))
     module = TwoTowerModule(user, item, lr=cfg.lr, item_lr_scale=cfg.item_lr_scale, temperature=cfg.temperature)
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False,

@@ -88,15 +88,12 @@ class TwoTowerModule(pl.LightningModule):
         self._seen += b
         keep = torch.isfinite(logits_BB)
         self.val_recall.update(logits_BB[keep], target_BB[keep], indexes=query_BB[keep])
+        # metric objects: Lightning computes them over the epoch and resets them
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
+        self.log_dict(self.val_recall, on_epoch=True)
 
     def on_validation_epoch_start(self) -> None:
         self._seen = 0
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log_dict(self.val_recall.compute())
-        self.val_loss.reset()
-        self.val_recall.reset()
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -83,7 +83,7 @@ class BinaryFSQ(nn.Module):
         x_ND = (r_ND - self.mu_D) / self.sigma_D
         z_NB = self.encoder(x_ND)
         p_NB = torch.sigmoid(z_NB)
-        b_NB = (z_NB > 0).to(p_NB.dtype) + p_NB - p_NB.detach()  # straight-through
+        b_NB = (z_NB > 0).to(p_NB.dtype) + (p_NB - p_NB.detach())  # straight-through: value exact, grad of p
         recon_ND = self.decoder(2 * b_NB - 1)
         return {"target": x_ND, "recon": recon_ND, "p": p_NB, "bits": b_NB,
                 "codes": ((z_NB > 0).long() * self.powers_B).sum(-1)}
