@@ -722,6 +722,11 @@ def throughput(num_workers: int = 1, seq_len: int = 256, batch_size: int = 256, 
     :func:`~onemall_pl.io.write_table` into a temporary folder, then times whole collated
     batches (all three sequences padded to ``seq_len`` with masks, targets, scalars) arriving
     in the main process for ``seconds`` after the first batch, cycling epochs if needed.
+
+    Besides the wall-clock ``samples_per_s`` it reports the CPU seconds the main process and
+    the workers spent per batch; ``samples_per_cpu_bound_s`` = batch_size / the larger of the
+    two (per worker) is what the pipeline delivers when each process has a core of its own,
+    which a shared machine under load does not give (compare the two figures).
     """
     from functools import partial
 
@@ -734,22 +739,35 @@ def throughput(num_workers: int = 1, seq_len: int = 256, batch_size: int = 256, 
                           set_columns={"targets": None})
         stream = ParquetStream(tmp, "samples", batch_size=batch_size, collate=collate, seed=0)
         loader = stream.loader(num_workers=num_workers)
-        t0 = time.perf_counter()
-        samples = batches = 0
+        samples = batches = produced = 0
         start = first = None
-        while True:
-            for batch in loader:
-                if start is None:
+        t0, cpu0, kids0 = time.perf_counter(), time.process_time(), _children_cpu()
+        while start is None or time.perf_counter() - start < seconds:  # epochs
+            it = iter(loader)
+            for batch in it:
+                produced += 1
+                if start is None:  # time from the first batch: worker start-up is reported apart
                     first, start = time.perf_counter() - t0, time.perf_counter()
                     continue
                 samples += batch["seq_click"].shape[0]
                 batches += 1
                 if time.perf_counter() - start >= seconds:
                     break
-            else:
-                continue
-            break
+            it.close()  # shuts the workers down, so their CPU time is counted below
+            del it
         elapsed = time.perf_counter() - start
-        return dict(samples_per_s=samples / elapsed, batches_per_s=batches / elapsed, num_workers=num_workers,
-                    batch_size=batch_size, seq_len=seq_len, sequences=3, rows=rows,
-                    row_group_size=row_group_size, first_batch_s=first, write_s=write_s, timed_s=elapsed)
+        main_cpu = time.process_time() - cpu0
+        workers_cpu = _children_cpu() - kids0 if num_workers else 0.0
+        per_batch = max(main_cpu / produced, workers_cpu / produced / max(1, num_workers))
+        return dict(samples_per_s=samples / elapsed, samples_per_cpu_bound_s=batch_size / per_batch,
+                    num_workers=num_workers, batch_size=batch_size, seq_len=seq_len, sequences=3, rows=rows,
+                    row_group_size=row_group_size, epochs=stream.epoch + 1, first_batch_s=first,
+                    main_cpu_ms_per_batch=1e3 * main_cpu / produced,
+                    workers_cpu_ms_per_batch=1e3 * workers_cpu / produced, write_s=write_s, timed_s=elapsed)
+
+
+def _children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
