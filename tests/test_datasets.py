@@ -15,6 +15,7 @@ from onemall_pl.data.datasets import (
     _split,
     collate_sequences,
     synthetic_samples,
+    throughput,
 )
 from onemall_pl.data.schema import DataError
 from onemall_pl.io import write_table
@@ -282,3 +283,9 @@ def test_lightning_saves_and_restores_the_stream_position(folder, tmp_path):
     L.Trainer(**kw, enable_checkpointing=False).fit(*_Recorder.make(folder, seen),
                                                     ckpt_path=tmp_path / "step=5.ckpt")
     assert seen == full[5 * 8:], "the resumed run trains on exactly the rest of the epoch, in order"
+
+
+def test_throughput_reports_measured_figures():
+    r = throughput(num_workers=1, seq_len=8, batch_size=16, seconds=0.3, rows=512, row_group_size=64)
+    assert r["samples_per_s"] > 0 and r["samples_per_cpu_bound_s"] > 0 and r["workers_cpu_ms_per_batch"] > 0
+    assert r["num_workers"] == 1 and r["timed_s"] >= 0.3
