@@ -41,7 +41,7 @@ def test_unknown_ids_are_named():
         ItemCatalog(_items())
     cat = ItemCatalog(_items(product_id=[None] * 5))
     with pytest.raises(DataError, match=r"table 'samples', column 'seq_click', row 7: unknown item id 11"):
-        cat.index_of(np.array([10, 11, 12]), column="seq_click", rows=np.array([3, 7, 9]))
+        cat.index_of(np.array([10, 11, 12]), table="samples", column="seq_click", rows=np.array([3, 7, 9]))
     with pytest.raises(DataError, match="column 'item_id'.*duplicated"):
         ItemCatalog(_items(item_id=[1, 2, 3, 2, 5], product_id=[None] * 5))
     with pytest.raises(DataError, match="column 'category', row 1: 4 category levels"):
@@ -61,3 +61,16 @@ def test_sid_table():
     bad_type = sids.set_column(1, "item_type", pa.array(["live", "product", "video", "video", "video"]))
     with pytest.raises(DataError, match="column 'item_type', row 2"):
         cat.attach_sids(bad_type)
+
+
+def test_collate_maps_ids_through_the_catalog():
+    from onemall_pl.data.datasets import collate_sequences
+
+    cat = ItemCatalog(_items(product_id=[None] * 5))
+    t = pa.table({"seq_click": pa.array([[50, 10], [30]], pa.list_(pa.int64())),
+                  "targets": pa.array([[20], [99]], pa.list_(pa.int64()))})
+    out = collate_sequences(t.slice(0, 1), {"seq_click": 3}, set_columns={"targets": 1}, item_index=cat)
+    assert out["seq_click"].tolist() == [[0, 4, 0]] and out["seq_click_mask"].tolist() == [[False, True, True]]
+    assert out["targets"].tolist() == [[1]]
+    with pytest.raises(DataError, match="column 'targets', row 1: unknown item id 99"):
+        collate_sequences(t, {"seq_click": 3}, set_columns={"targets": 1}, item_index=cat)

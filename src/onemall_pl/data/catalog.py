@@ -151,7 +151,7 @@ class ItemCatalog:
     def __len__(self) -> int:
         return len(self.item_ids)
 
-    def index_of(self, ids: np.ndarray | Sequence[int], *, table: str = "samples", column: str = "item_id",
+    def index_of(self, ids: np.ndarray | Sequence[int], *, table: str | None = None, column: str = "item_id",
                  rows: np.ndarray | None = None) -> np.ndarray:
         """Dense indices of raw item ids (vectorised). An id not in the catalogue raises a
         :class:`DataError` naming ``table``, ``column`` and the row (``rows[i]`` for the i-th id
