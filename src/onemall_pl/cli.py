@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("onemall_pl.rl", "stage 4: DPO / GRPO post-training"),
     "evaluate": ("onemall_pl.evaluate", "replay held-out requests: HR@K, Table 2/4, offline A/B"),
     "sasrec": ("onemall_pl.baselines.sasrec", "baseline: SASRec two-tower with faiss ANN"),
+    "rqvae": ("onemall_pl.baselines.rqvae", "baseline: TIGER's RQ-VAE item tokenizer"),
     "tiger": ("onemall_pl.baselines.tiger", "baseline: TIGER encoder-decoder over RQ-VAE SIDs"),
     "bench": ("onemall_pl.bench", "benchmarks that print figures"),
 }
