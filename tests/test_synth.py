@@ -149,7 +149,7 @@ def test_watch_log_pairs_videos_with_the_products_clicked_after(world, tables):
     hit = (at >= 0) & (wu[a] == cu) & (ct - wt[a] < 300)
     assert hit.sum() > 30
     genre, l1 = world.item_genre[wi[a[hit]]], world.l3_l1[world.item_l3[cp[hit]]]
-    linked = {i: {T.GENRES.index(g) for g in dict((n, gs) for n, _, gs in T.L1_CATEGORIES)[str(name)]}
+    linked = {i: {T.GENRES.index(g) for g in {n: gs for n, _, gs in T.L1_CATEGORIES}[str(name)]}
               for i, name in enumerate(world.l1_name)}
     is_linked = np.array([g in linked[c] for g, c in zip(genre, l1)])
     chance = np.mean([len(linked[c]) / len(T.GENRES) for c in l1])

@@ -36,10 +36,18 @@ import pyarrow as pa
 
 from onemall_pl.data.schema import DatasetInfo
 from onemall_pl.data.synth import text as T
-from onemall_pl.data.synth.presets import WorldConfig, preset as get_preset
+from onemall_pl.data.synth.presets import WorldConfig
+from onemall_pl.data.synth.presets import preset as get_preset
 from onemall_pl.data.synth.world import DAY, WORLD_DIR, World
-from onemall_pl.io import DATASET_JSON, ShardWriter, atomic_dir, read_dataset_info, write_dataset_info, write_json, \
-    write_table
+from onemall_pl.io import (
+    DATASET_JSON,
+    ShardWriter,
+    atomic_dir,
+    read_dataset_info,
+    write_dataset_info,
+    write_json,
+    write_table,
+)
 
 SPLIT_RULE = ("time: with t0, t1 the first and last event time, requests at or after t0 + 0.9 (t1 - t0) are "
               "test, those at or after t0 + 0.8 (t1 - t0) valid, the rest train")
@@ -210,7 +218,7 @@ def bench(preset: str = "small", seed: int = 0) -> dict:
                 f"s = _generate(__import__('pathlib').Path(sys.argv[1]), {preset!r}, {int(seed)}, None, None);"
                 "s['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024;"
                 "print(json.dumps(s))")
-        res = subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "world")], env=env, capture_output=True,
+        res = subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "world")], env=env, capture_output=True, check=False,
                              text=True)
         if res.returncode:
             raise RuntimeError(f"synth bench child failed:\n{res.stderr[-4000:]}")
