@@ -9,9 +9,9 @@ from PIL import Image
 
 from onemall_pl.models.encoder import EMB_TOKEN, EncoderConfig, ItemEncoder, ItemProcessor
 
-TINY_SWIN = dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4)
-TINY_QWEN = dict(model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=30522, max_position_embeddings=128)
+TINY_SWIN = {"embed_dim": 16, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4}
+TINY_QWEN = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 30522, "max_position_embeddings": 128}
 
 
 def _png(value: int) -> bytes:

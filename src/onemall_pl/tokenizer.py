@@ -495,7 +495,7 @@ def load_encoder(artifact_dir: str | Path) -> tuple[ItemEncoder, ItemProcessor]:
     folder = Path(m.path)
     cfg = EncoderConfig(**json.loads(m.file("encoder.json").read_text()))
     cfg = dataclasses.replace(cfg, text_model=str(m.file("text_model")), tokenizer=str(m.file("tokenizer")),
-                              text_config=None, vision_checkpoint=None)
+                              text_config=None, vision_checkpoint=None, vision_pretrained=False)
     enc = ItemEncoder(cfg)
     if enc.vision is not None:
         enc.load_state_dict(torch.load(folder / "vision.pt", map_location="cpu", weights_only=True), strict=False)

@@ -14,8 +14,9 @@ item embedding that stage 2 quantises into semantic IDs.
   + title + OCR/ASR text (``items.text``). Items without images get no visual tokens.
 
 Shortcut stated plainly: ``timm`` pretrained weights need a hub download; without a local
-``vision_checkpoint`` the frozen vision backbone is randomly initialised, so the visual
-tokens only carry what the trainable projector can read from random (but fixed) features.
+``vision_checkpoint`` (or ``vision_pretrained`` with internet / a filled cache) the frozen
+vision backbone is randomly initialised, so the visual tokens only carry what the trainable
+projector can read from random (but fixed) features. The CPU presets run that way.
 
 Legend: B items in the batch, N images in the batch, T visual tokens per image,
 K = max visual tokens of an item in the batch, Lt text tokens (incl. <EMB>), L = packed
@@ -24,6 +25,7 @@ sequence length, F vision feature dim, D text hidden size, C channels, H/W image
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import io
 import math
@@ -49,6 +51,9 @@ class EncoderConfig:
     text_config: dict | None = None
     """Build the text backbone from this config instead (random init; e.g. ``{"model_type":
     "qwen2", "hidden_size": 32, ...}``): for tests and from-scratch runs."""
+    text_kwargs: dict = field(default_factory=dict)
+    """Config overrides passed to ``from_pretrained`` (e.g. ``num_hidden_layers: 3`` keeps the
+    first 3 blocks of a pretrained model: a cheaper CPU encoder)."""
     tokenizer: str | None = None
     """Tokenizer folder or name; ``None`` = the one of ``text_model``."""
     max_length: int = 64
@@ -66,7 +71,10 @@ class EncoderConfig:
     vision_kwargs: dict = field(default_factory=dict)
     """Extra ``timm.create_model`` arguments (e.g. a narrower Swin: ``embed_dim``, ``depths``)."""
     vision_checkpoint: str | None = None
-    """Local weights file for the vision backbone; ``None`` = random init (see module docstring)."""
+    """Local weights file for the vision backbone (loaded through timm's ``pretrained_cfg_overlay``)."""
+    vision_pretrained: bool = False
+    """Load timm's pretrained weights (Hugging Face hub: needs internet or the local HF cache).
+    Neither this nor ``vision_checkpoint``: random init (see module docstring)."""
     image_size: int | None = None
     """Square input size; ``None`` = the backbone's default. Passed on as ``img_size`` to
     backbones that take one (Swin, ViT)."""
@@ -129,11 +137,16 @@ def create_vision_backbone(cfg: EncoderConfig, device: str | torch.device | None
         if not Path(cfg.vision_checkpoint).is_file():
             raise ValueError(f"vision_checkpoint {cfg.vision_checkpoint!r} is not a file")
         kw.update(pretrained=True, pretrained_cfg_overlay={"file": cfg.vision_checkpoint})
+    elif cfg.vision_pretrained:
+        kw.update(pretrained=True)
     try:
         with torch.device(device or "cpu"):
             return timm.create_model(cfg.vision_model, num_classes=0, **kw)
     except RuntimeError as e:  # timm: unknown model name
         raise ValueError(f"vision_model {cfg.vision_model!r}: {e}") from None
+    except OSError as e:  # pretrained weights neither cached nor downloadable
+        raise ValueError(f"vision_model {cfg.vision_model!r}: pretrained weights unavailable ({e}); "
+                         "give vision_checkpoint, or vision_pretrained: false for a random init") from None
 
 
 class ItemProcessor:
@@ -150,7 +163,8 @@ class ItemProcessor:
         if cfg.vision_model is not None:
             import timm.data
 
-            probe = create_vision_backbone(EncoderConfig(**{**cfg.__dict__, "vision_checkpoint": None}), "meta")
+            probe = create_vision_backbone(
+                dataclasses.replace(cfg, vision_checkpoint=None, vision_pretrained=False), "meta")
             dc = timm.data.resolve_model_data_config(probe)
             self.image_size = cfg.image_size or dc["input_size"][-1]
             self.transform = timm.data.create_transform(
@@ -210,7 +224,9 @@ class ItemEncoder(nn.Module):
             kw = dict(cfg.text_config)
             self.backbone = AutoModel.from_config(AutoConfig.for_model(kw.pop("model_type"), **kw))
         else:
-            kw = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+            kw = dict(cfg.text_kwargs)
+            if cfg.attn_implementation:
+                kw["attn_implementation"] = cfg.attn_implementation
             self.backbone = _from_pretrained(AutoModel, resolve_text_model(cfg), "text_model", **kw)
         if len(tok) > self.backbone.get_input_embeddings().num_embeddings:  # room for <EMB>
             self.backbone.resize_token_embeddings(len(tok))
