@@ -211,3 +211,16 @@ def test_refresh_live_changes_sid_with_products(fitted, tmp_path):
     m2 = load_manifest(out2, stage="quantize")
     assert m2.metrics["live_at"] == 2500 and m2.metrics["live_changed"] > 0
     assert m2.id != load_manifest(out1).id
+
+
+def test_twotower_index_of_live_streams(fitted, tmp_path):
+    import faiss
+
+    from onemall_pl.twotower import main
+
+    _, _, _, art = fitted
+    main(["index", "--artifact", str(art), "--at", "2500", "--out", str(tmp_path / "live.faiss")])
+    index = faiss.read_index(str(tmp_path / "live.faiss"))
+    assert index.ntotal == 30
+    _, ids = index.search(np.ones((1, index.d), np.float32), 5)
+    assert set(ids[0].tolist()) <= set(range(9000, 9030))

@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -310,7 +311,7 @@ def train_live_twotower(world: LiveWorld, items: pa.Table, events: pa.Table, cfg
     module = TwoTowerModule(user, item, lr=cfg.lr, item_lr_scale=cfg.item_lr_scale, temperature=cfg.temperature)
     trainer = pl.Trainer(max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(root_dir), deterministic=True)
+                         default_root_dir=str(root_dir))
     trainer.fit(module, train_dl, val_dl)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics.update(train_clicks=split, val_clicks=n_val)
@@ -716,6 +717,34 @@ def refresh_live(artifact: Path, at: int, out: Path | None = None, data_dir: Pat
                    click_popularity(data_dir, ids), extra, {"twotower.pt": m.file("twotower.pt")})
 
 
+def live_index(artifact: Path, at: int, out: Path, data_dir: Path | None = None) -> int:
+    """Write a faiss index of the live-streams' item-tower vectors at ``at`` (ANN retrieval of live-streams).
+
+    Args:
+        artifact: the quantize artifact folder.
+        at: the timestamp whose products on sale the vectors reflect.
+        out: the index file to write.
+        data_dir: the dataset folder (default: the one the artifact was fitted on).
+    """
+    from onemall_pl.twotower import export_index
+
+    m = load_manifest(artifact, stage="quantize")
+    if "twotower.pt" not in m.files:
+        raise ValueError(f"{artifact} has no live-stream two-tower (fitted with data.live: null?)")
+    data_dir = Path(data_dir or m.config["data"]["data_dir"])
+    sid = pq.read_table(m.file("sid_table"))
+    types = np.asarray(sid.column("item_type").to_pylist())
+    prod = types == "product"
+    lk = len(m.config["data"]["kmeans_sizes"])
+    product_codes = dict(zip(sid.column("item_id").to_numpy()[prod].tolist(), sid_codes(sid)[prod, :lk]))
+    tower, world, _ = load_live_tower(m.file("twotower.pt"), read_table(data_dir, "items"),
+                                      read_table(data_dir, "live_schedule"), product_codes)
+    x = live_vectors(tower, world, world.live_ids, np.full(len(world.live_ids), int(at)))
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    export_index(x, world.live_ids, out)
+    return len(world.live_ids)
+
+
 def sid_codes(sid_table: pa.Table) -> np.ndarray:
     n = sid_table.num_rows
     return np.asarray(sid_table.column("sid").combine_chunks().flatten().to_numpy(), dtype=np.int64).reshape(n, -1)
@@ -776,16 +805,25 @@ def ablate(artifact: Path = Path("artifacts/synth/quantize"), out: Path | None =
 
 
 def bench(n: int = 20_000, dim: int = 64, k: int = 256, niter: int = 20, seed: int = 0,
-          fsq_bits: int = 12) -> dict:
+          fsq_bits: int = 12, threads: int | None = None) -> dict:
     """Measured figures: faiss vs scikit-learn k-means on the same points, and SID encoding speed.
 
     Both k-means run Lloyd iterations from random initial centroids, ``k`` clusters, ``niter``
     iterations, one run (scikit-learn: ``init="random", n_init=1, tol=0``; faiss uses all the
     points: ``max_points_per_centroid`` large). Encoding: a [k, k] Res-Kmeans + FSQ tokenizer
     (untrained FSQ weights: the speed does not depend on them) over the n points, on the CPU.
+    ``threads`` caps faiss (OpenMP), scikit-learn (threadpoolctl) and torch alike (default: all
+    cores). On a machine whose cores are busy with other work, OpenMP's spinning threads make
+    faiss far slower with more than one thread: compare with ``threads=1`` there.
     """
     import faiss
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
+
+    threads = threads or os.cpu_count() or 1
+    old_torch = torch.get_num_threads()
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
 
     rng = np.random.default_rng(seed)
     x = (rng.normal(size=(64, dim))[rng.integers(0, 64, n)] + rng.normal(size=(n, dim)) * 0.5).astype(np.float32)
@@ -793,10 +831,11 @@ def bench(n: int = 20_000, dim: int = 64, k: int = 256, niter: int = 20, seed: i
     km = faiss.Kmeans(dim, k, niter=niter, seed=seed, max_points_per_centroid=n, verbose=False)
     km.train(x)
     t_faiss = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    sk = KMeans(n_clusters=k, init="random", n_init=1, max_iter=niter, tol=0.0, random_state=seed,
-                algorithm="lloyd").fit(x)
-    t_sk = time.perf_counter() - t0
+    with threadpool_limits(threads):
+        t0 = time.perf_counter()
+        sk = KMeans(n_clusters=k, init="random", n_init=1, max_iter=niter, tol=0.0, random_state=seed,
+                    algorithm="lloyd").fit(x)
+        t_sk = time.perf_counter() - t0
     inertia_faiss = float(((x - km.centroids[ResKMeans._nearest(km.centroids, x)]) ** 2).sum())
     q = ResKMeans([k, k], niter=niter, seed=seed).fit(x)
     tok = SIDTokenizer(dim, [k, k], FSQConfig(dim, fsq_bits))
@@ -808,7 +847,8 @@ def bench(n: int = 20_000, dim: int = 64, k: int = 256, niter: int = 20, seed: i
     codes = tok.encode(xt)
     t_enc = time.perf_counter() - t0
     assert codes.shape == (n, 3)
-    return {"n": n, "dim": dim, "k": k, "niter": niter, "torch_threads": torch.get_num_threads(),
+    torch.set_num_threads(old_torch)
+    return {"n": n, "dim": dim, "k": k, "niter": niter, "threads": threads,
             "faiss_kmeans_s": t_faiss, "sklearn_kmeans_s": t_sk, "sklearn_over_faiss": t_sk / t_faiss,
             "faiss_inertia": inertia_faiss, "sklearn_inertia": float(sk.inertia_),
             "encode_items_per_s": n / t_enc, "encode_levels": [k, k, 2 ** fsq_bits]}

@@ -15,6 +15,11 @@ Yi et al. 2019): ``CE(u_i . v_j / tau - log q_j, j = i)``, other rows holding th
 masked out. Validation logs the loss and in-batch recall@K (torchmetrics).
 The item tower may learn more slowly (``item_lr_scale``): the paper lowers the item tower's
 learning rate so that live-stream semantic IDs do not churn (§3.1.3).
+
+    onemall twotower index --artifact artifacts/synth/quantize --at TS --out live.faiss
+
+writes a faiss index of the live-stream item-tower vectors at time TS (the model trained by
+``onemall quantize fit``); the SASRec baseline trains and exports its own.
 """
 
 from __future__ import annotations
@@ -113,3 +118,20 @@ def export_index(item_emb: np.ndarray | torch.Tensor, item_ids: np.ndarray, path
     if path is not None:
         faiss.write_index(index, str(path))
     return index
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from jsonargparse import CLI
+
+    from onemall_pl.quantize import live_index
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "index":
+        print("usage: onemall twotower index --artifact DIR --at TS --out FILE\n"
+              "  a faiss index of the live-stream item tower trained by `onemall quantize fit`\n"
+              "  (the SASRec baseline: `onemall sasrec ...`)", file=sys.stderr)
+        raise SystemExit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    n = CLI(live_index, args=argv[1:], as_positional=False)
+    print(f"indexed {n} live-streams")
