@@ -122,3 +122,15 @@ def test_onemall_retrieval_exact_on_tiny_trie_and_items():
     assert torch.allclose(tf.view(2, 5), res.scores, atol=1e-5)
     with pytest.raises(ValueError, match="codebook_sizes"):
         retrieve(model, batch, random_trie([6, 5, 5], 10), beam=4, k=2)
+
+
+def test_bench_reports_figures():
+    from onemall_pl.retrieval import bench
+
+    threads = torch.get_num_threads()
+    out = bench(beams=(4, 8), requests=2, prompt_len=4, codebook_sizes=(16, 8, 8), n_items=300, repeats=1, threads=1)
+    assert out["B4"]["identical_topk"] == out["B8"]["identical_topk"] == "yes"
+    assert out["B8"]["ours_ms"] > 0 and out["B8"]["speedup"] > 0 and out["torch_threads"] == 1
+    assert torch.get_num_threads() == threads
+    with pytest.raises(ValueError, match="first codes"):
+        bench(beams=(32,), codebook_sizes=(16, 8, 8), n_items=300, repeats=1)

@@ -191,17 +191,26 @@ def random_trie(codebook_sizes: list[int], n_items: int, seed: int = 0) -> SIDTr
 
 def bench(beams: tuple[int, ...] = (50, 100, 500), requests: int = 4, prompt_len: int = 16,
           codebook_sizes: tuple[int, ...] = (1024, 1024, 1024), n_items: int = 50_000, repeats: int = 3,
-          seed: int = 0) -> dict:
+          seed: int = 0, threads: int = 1) -> dict:
     """Our beam search vs ``generate(num_beams=B, prefix_allowed_tokens_fn=...)`` on one tiny random
     Qwen2 LM and one random trie: identical ordered top-K (yes/no), max score gap, median
-    wall-clock of each and their ratio, per beam width."""
+    wall-clock and process CPU time of each and their ratios, per beam width. ``threads``: torch
+    threads while timing (1 keeps figures steady on a shared, oversubscribed machine, where
+    spinning OpenMP threads inflate both clocks; 0 leaves torch's setting)."""
+    if threads:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return bench(beams, requests, prompt_len, codebook_sizes, n_items, repeats, seed, threads=0)
+        finally:
+            torch.set_num_threads(before)
     sizes = list(codebook_sizes)
     model, offsets = tiny_hf_lm(sizes, seed)
     trie = random_trie(sizes, n_items, seed)
     g = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(2, model.config.vocab_size, (requests, prompt_len), generator=g)
     out: dict = {"trie": {"items": trie.n_items, "level1_codes": trie.n_nodes(1), "sids": trie.n_nodes(trie.levels)},
-                 "requests": requests}
+                 "requests": requests, "torch_threads": torch.get_num_threads()}
     for B in beams:
         if B > trie.n_nodes(1):
             raise ValueError(f"beam {B} exceeds the trie's {trie.n_nodes(1)} first codes; HF would pad with dead beams")
@@ -213,14 +222,18 @@ def bench(beams: tuple[int, ...] = (50, 100, 500), requests: int = 4, prompt_len
             t_hf = _median_time(lambda b=B: hf_generate(model, prompt, trie, offsets, b), repeats)
         out[f"B{B}"] = {"identical_topk": "yes" if torch.equal(ours.sids, hf.sids) else "no",
                         "max_score_gap": float((ours.scores - hf.scores).abs().max()),
-                        "ours_ms": 1e3 * t_ours, "hf_ms": 1e3 * t_hf, "speedup": t_hf / t_ours}
+                        "ours_ms": 1e3 * t_ours[0], "hf_ms": 1e3 * t_hf[0], "speedup": t_hf[0] / t_ours[0],
+                        "ours_cpu_ms": 1e3 * t_ours[1], "hf_cpu_ms": 1e3 * t_hf[1],
+                        "speedup_cpu": t_hf[1] / t_ours[1]}
     return out
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
+def _median_time(fn, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and median process CPU time (the latter is steadier on a shared machine)."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return sorted(wall)[len(wall) // 2], sorted(cpu)[len(cpu) // 2]
