@@ -478,3 +478,10 @@ def flops_per_sample(cfg: OneMallConfig, batch_size: int = 2, device="cpu") -> d
     out["user_context"] = fc.get_total_flops() / batch_size
     out["context_len"] = cfg.context_len
     return out
+
+
+if __name__ == "__main__":  # python -m onemall_pl.models.decoder: parameter counts of every preset
+    for name, cfg in PRESETS.items():
+        with torch.device("meta"):
+            n = count_params(OneMall(cfg))
+        print(f"{name:<12} total {n['total'] / 1e6:9.2f}M   active {n['active'] / 1e6:9.2f}M")
