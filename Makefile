@@ -1,27 +1,49 @@
 # onemall-pl: `make run` (the whole pipeline on the embedded tiny world) and `make test`.
 # Both create .venv and install what they need on first use.
+#
+#   make data tokenizer pretrain reward rl evaluate report   one target per stage
+#   make run                                                 all of them, DATASET=synth PRESET=tiny
+#   make paper                                               every paper table at the chosen scale
+#   make bench                                               benchmark figures
+#
+# DATASET=synth|ml100k|<name of a folder under data/>, PRESET=tiny|paper (the stage configs
+# configs/<stage>/$(PRESET).yaml; the world's size follows PRESET for synth). Each stage target
+# is its artifact's manifest.json: it reruns only when its config or its upstream changed, and a
+# killed run resumes from its last checkpoint (`fit --ckpt_path last`) when rerun.
 SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+ONEMALL := $(BIN)/onemall
 DATASET ?= synth
 PRESET ?= tiny
 SEED ?= 0
 DATA_DIR ?= data/$(DATASET)
-ART_DIR ?= artifacts
+ART_ROOT ?= artifacts
+RUNS_ROOT ?= runs
+ART := $(ART_ROOT)/$(DATASET)
+RUNS := $(RUNS_ROOT)/$(DATASET)
+# world size of the simulator for each preset (paper-scale configs train on the medium world)
+WORLD_PRESET ?= $(if $(filter micro tiny small medium large,$(PRESET)),$(PRESET),medium)
+# stage configs: configs/<stage>/<CONFIG_PRESET>.yaml (ml100k has its own where the defaults differ)
+CONFIG_PRESET ?= $(PRESET)
 PYTEST_ARGS ?=
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast run data bench clean help
+.PHONY: help install test test-fast run data tokenizer quantize pretrain reward rl baselines evaluate report \
+        paper bench clean clean-runs
 
 help:
-	@echo "make run        the main job on the embedded world ($(PRESET) preset)"
-	@echo "make test       install if needed, run the tests"
-	@echo "make data       build data/$(DATASET) (DATASET=synth|ml100k, PRESET=tiny|small|medium|large)"
+	@echo "make run        the whole pipeline on the embedded world (DATASET=$(DATASET) PRESET=$(PRESET))"
+	@echo "make test       install if needed, run the tests (what CI runs)"
+	@echo "make data | tokenizer | pretrain | reward | rl | evaluate | report   one stage (and what it needs)"
+	@echo "make paper      every paper table at the chosen scale, then the report"
 	@echo "make bench      print the benchmark figures"
 
+# ---------------------------------------------------------------------------- install
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
@@ -39,23 +61,71 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not multiprocess" $(PYTEST_ARGS)
 
+# ---------------------------------------------------------------------------- stages
+# $(call fit_export,stage,config,extra args): train (resuming a killed run of the same inputs),
+# then write the artifact. A run directory older than any prerequisite is stale: start afresh.
+define fit_export
+	@if [ -d $(RUNS)/$(1) ]; then for p in $(filter-out install,$^); do \
+	  if [ "$$p" -nt $(RUNS)/$(1)/checkpoints/last.ckpt ]; then echo "inputs of $(1) changed: new run"; \
+	  rm -rf $(RUNS)/$(1); break; fi; done; fi
+	$(ONEMALL) $(firstword $(subst _, ,$(1))) fit -c $(2) --trainer.default_root_dir $(RUNS)/$(1) $(3) --ckpt_path last
+	$(ONEMALL) $(firstword $(subst _, ,$(1))) export -c $(2) --trainer.default_root_dir $(RUNS)/$(1) $(3)
+endef
+DATA_ARGS = --data.data_dir $(DATA_DIR) --model.artifacts_root $(ART_ROOT)
+cfg = $(firstword $(wildcard configs/$(1)/$(DATASET).yaml) configs/$(1)/$(CONFIG_PRESET).yaml)
+
 $(DATA_DIR)/dataset.json: | install
 ifeq ($(DATASET),synth)
-	$(BIN)/onemall data synth --out $(DATA_DIR) --preset $(PRESET) --seed $(SEED)
+	$(ONEMALL) data synth --out $(DATA_DIR) --preset $(WORLD_PRESET) --seed $(SEED)
 else ifeq ($(DATASET),ml100k)
-	$(BIN)/onemall data ml100k --out $(DATA_DIR)
+	$(ONEMALL) data ml100k --out $(DATA_DIR)
 else
-	@echo "DATASET=$(DATASET): build it with 'onemall data import' first" && exit 2
+	@echo "no $(DATA_DIR): create it with 'onemall data import --items ... --events ... --out $(DATA_DIR)'" && exit 2
 endif
-	$(BIN)/onemall data build $(DATA_DIR)
 
-data: $(DATA_DIR)/dataset.json
+$(DATA_DIR)/samples: $(DATA_DIR)/dataset.json
+	$(ONEMALL) data build $(DATA_DIR)
+	touch $@
 
-run: install data
-	@echo "dataset ready in $(DATA_DIR) (later stages join this target as they land)"
+data: $(DATA_DIR)/samples
 
+$(ART)/tokenizer/manifest.json: $(call cfg,tokenizer) $(DATA_DIR)/samples | install
+	$(call fit_export,tokenizer,$(call cfg,tokenizer),$(DATA_ARGS))
+
+$(ART)/quantize/manifest.json: $(call cfg,quantize) $(ART)/tokenizer/manifest.json | install
+	$(call fit_export,quantize,$(call cfg,quantize),$(DATA_ARGS) --data.tokenizer_dir $(ART)/tokenizer)
+
+$(ART)/pretrain/manifest.json: $(call cfg,pretrain) $(ART)/quantize/manifest.json | install
+	$(call fit_export,pretrain,$(call cfg,pretrain),$(DATA_ARGS))
+
+$(ART)/reward/manifest.json: $(call cfg,reward) $(DATA_DIR)/samples | install
+	$(call fit_export,reward,$(call cfg,reward),$(DATA_ARGS))
+
+$(ART)/rl_dpo/manifest.json: configs/rl/$(CONFIG_PRESET)_dpo.yaml $(ART)/pretrain/manifest.json $(ART)/reward/manifest.json | install
+	$(call fit_export,rl_dpo,configs/rl/$(CONFIG_PRESET)_dpo.yaml,$(DATA_ARGS))
+
+$(ART)/rl_grpo/manifest.json: configs/rl/$(CONFIG_PRESET)_grpo.yaml $(ART)/pretrain/manifest.json $(ART)/reward/manifest.json | install
+	$(call fit_export,rl_grpo,configs/rl/$(CONFIG_PRESET)_grpo.yaml,$(DATA_ARGS))
+
+tokenizer: $(ART)/quantize/manifest.json   # stage 1 and stage 2 (semantic IDs)
+quantize: $(ART)/quantize/manifest.json
+pretrain: $(ART)/pretrain/manifest.json
+reward: $(ART)/reward/manifest.json
+rl: $(ART)/rl_dpo/manifest.json $(ART)/rl_grpo/manifest.json
+
+run: install data tokenizer pretrain
+	@echo "pipeline done: artifacts in $(ART)/"
+
+# ---------------------------------------------------------------------------- benchmarks
 bench: install
-	$(BIN)/onemall bench data
+	$(ONEMALL) bench data
+	$(ONEMALL) bench tokenizer
+	$(ONEMALL) bench quantize
+	$(ONEMALL) bench beam
+	$(ONEMALL) bench pretrain
+
+clean-runs:
+	rm -rf $(RUNS)
 
 clean:
-	rm -rf artifacts lightning_logs runs
+	rm -rf $(ART) $(RUNS)
