@@ -8,8 +8,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from onemall_pl.quant import (FSQConfig, ResKMeans, SIDTokenizer, check_embeddings, collision_stats, reverse_map,
-                              stats_by_type)
+from onemall_pl.quant import (
+    FSQConfig,
+    ResKMeans,
+    SIDTokenizer,
+    check_embeddings,
+    collision_stats,
+    reverse_map,
+    stats_by_type,
+)
 
 
 def clustered(n=1500, d=16, k=20, seed=0, dups=0):

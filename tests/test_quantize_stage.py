@@ -124,7 +124,7 @@ def fitted(tmp_path_factory):
 
 
 def test_export_artifact(fitted):
-    root, tok, data, art = fitted
+    _root, tok, _data, art = fitted
     m = load_manifest(art, stage="quantize")
     assert m.sizes["codebook_sizes"] == [16, 16, 64] and m.sizes["num_levels"] == 3
     sid = pq.read_table(m.file("sid_table"))

@@ -301,7 +301,10 @@ def train_live_twotower(world: LiveWorld, items: pa.Table, events: pa.Table, cfg
     data["logq"] = torch.tensor([np.log(q.get(i, 1.0 / len(lives))) for i in lives.tolist()], dtype=torch.float32)
     n_val = max(1, int(len(lives) * cfg.val_fraction))
     split = len(lives) - n_val
-    sub = lambda d, s: {k: (sub(v, s) if isinstance(v, dict) else v[s]) for k, v in d.items()}  # noqa: E731
+
+    def sub(d: dict, s: slice) -> dict:
+        return {k: (sub(v, s) if isinstance(v, dict) else v[s]) for k, v in d.items()}
+
     train_dl = DataLoader(_DictDataset(sub(data, slice(0, split))), batch_size=cfg.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(seed), drop_last=split > cfg.batch_size)
     val_dl = DataLoader(_DictDataset(sub(data, slice(split, None))), batch_size=cfg.batch_size)
@@ -373,7 +376,8 @@ class QuantizeDataModule(pl.LightningDataModule):
 
     def __init__(self, tokenizer_dir: Path = Path("artifacts/synth/tokenizer"), data_dir: Path | None = None,
                  kmeans_sizes: list[int] = [64, 64], niter: int = 20, seed: int = 0,  # noqa: B006
-                 live: LiveConfig | None = LiveConfig(), batch_size: int = 256, cache_dir: Path | None = None):
+                 live: LiveConfig | None = LiveConfig(),  # noqa: B008
+                 batch_size: int = 256, cache_dir: Path | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer_dir, self.data_dir = Path(tokenizer_dir), Path(data_dir) if data_dir else None
@@ -619,7 +623,7 @@ def publish(out: Path, upstream: Manifest, config: dict, tokenizers: dict[str, S
         write_json(tmp / "config.json", config)
 
     sizes = {"codebook_sizes": list(codebook_sizes), "num_levels": len(codebook_sizes),
-             "dims": {t: tok.dim for t, tok in tokenizers.items()}, "num_items": int(len(ids))}
+             "dims": {t: tok.dim for t, tok in tokenizers.items()}, "num_items": len(ids)}
     return write_artifact(out, build, stage="quantize", dataset=upstream.dataset, config=config,
                           upstream=[upstream], sizes=sizes, metrics=metrics)
 

@@ -44,7 +44,7 @@ def collision_stats(codes_NL: np.ndarray, codebook_sizes: Sequence[int]) -> dict
     n = len(codes_NL)
     return {
         "num_items": int(n),
-        "num_sids": int(len(counts)),
+        "num_sids": len(counts),
         "conflict_rate": float((counts[inverse] > 1).mean()) if n else 0.0,
         "exclusive_rate": float((counts == 1).mean()) if n else 0.0,
         "max_items_per_sid": int(counts.max()) if n else 0,
@@ -65,7 +65,7 @@ def stats_by_type(codes_NL: np.ndarray, item_types: np.ndarray, codebook_sizes: 
     n = len(codes_NL)
     out["overall"] = {
         "num_items": int(n),
-        "num_sids": int(len(counts)),
+        "num_sids": len(counts),
         "conflict_rate": float((counts[inverse] > 1).mean()) if n else 0.0,
         "exclusive_rate": float((counts == 1).mean()) if n else 0.0,
         "max_items_per_sid": int(counts.max()) if n else 0,

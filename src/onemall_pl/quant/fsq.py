@@ -27,6 +27,7 @@ Legend: N items, D input dim, B bits, K codebook size, L levels.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,7 +54,7 @@ class FSQConfig:
 def _mlp(d_in: int, hidden: int, d_out: int, layers: int) -> nn.Sequential:
     dims = [d_in] + [hidden] * layers
     mods: list[nn.Module] = []
-    for a, b in zip(dims[:-1], dims[1:]):
+    for a, b in itertools.pairwise(dims):
         mods += [nn.Linear(a, b), nn.LayerNorm(b), nn.GELU()]
     mods.append(nn.Linear(dims[-1], d_out))
     return nn.Sequential(*mods)
