@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rqvae": ("onemall_pl.baselines.rqvae", "baseline: TIGER's RQ-VAE item tokenizer"),
     "tiger": ("onemall_pl.baselines.tiger", "baseline: TIGER encoder-decoder over RQ-VAE SIDs"),
     "bench": ("onemall_pl.bench", "benchmarks that print figures"),
+    "report": ("onemall_pl.report", "write artifacts/<dataset>/report/ (report.md + .html, plots): paper tables beside ours"),
 }
 
 
