@@ -59,6 +59,8 @@ def test_embedding_is_padding_invariant_and_uses_images(minilm):
 
 
 def test_vision_is_frozen_and_top_layers_train(minilm):
+    fresh = ItemEncoder(EncoderConfig(max_length=8, vision_kwargs=TINY_SWIN, image_size=32))
+    assert fresh.backbone.training and not fresh.vision.training  # HF loads in eval mode; we train
     enc, _ = minilm
     enc.train()
     assert not enc.vision.training and not any(p.requires_grad for p in enc.vision.parameters())

@@ -246,3 +246,27 @@ def test_export_without_checkpoint_measures_initial_weights(world, tmp_path):
 def test_missing_model_path_is_a_clear_error(world, tmp_path):
     with pytest.raises(ValueError, match="no such model folder"):
         TokenizerModule(EncoderConfig(text_model=str(tmp_path / "nope")))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_two_cpu_ranks_gather_negatives(world, tmp_path):
+    """DDP on gloo with 2 processes: in-batch negatives and the "before" embeddings are gathered."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _config(tmp_path, world, max_steps=3)
+    ddp = Path(__file__).resolve().parents[1] / "configs" / "trainer" / "ddp.yaml"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "onemall_pl.tokenizer", "fit", "-c", str(cfg), "-c", str(ddp),
+                        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "3",
+                        "--trainer.default_root_dir", str(tmp_path / "run")],
+                       check=False, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert state["global_step"] == 3 and torch.isfinite(state["state_dict"]["recall_before"][0]).all()
+    # the items embedded rank by rank come back in order: same "before" as a single process
+    main(["fit", "-c", str(cfg), "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "one")])
+    one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    torch.testing.assert_close(one["state_dict"]["recall_before"], state["state_dict"]["recall_before"])

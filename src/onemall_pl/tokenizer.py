@@ -339,15 +339,17 @@ class TokenizerModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, acc = self.contrastive(batch["a"], batch["b"])
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", acc)
-        self.log("train/temperature", 1 / self.logit_scale.exp().clamp(max=100.0))
+        B = batch["relation"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=B)
+        self.log("train/acc", acc, batch_size=B)
+        self.log("train/temperature", 1 / self.logit_scale.exp().clamp(max=100.0), batch_size=B)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, acc = self.contrastive(batch["a"], batch["b"])
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/acc", acc, sync_dist=True)
+        B = batch["relation"].shape[0]
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=B)
+        self.log("val/acc", acc, sync_dist=True, batch_size=B)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         return {"item_id": batch["x"]["item_id"], "embedding": self(batch["x"]).float()}

@@ -267,6 +267,7 @@ class ItemEncoder(nn.Module):
             self.projector = (nn.Linear(Fv, D) if cfg.projector_hidden is None else
                               nn.Sequential(nn.Linear(Fv, cfg.projector_hidden), nn.GELU(),
                                             nn.Linear(cfg.projector_hidden, D)))
+        self.train()  # from_pretrained returns the backbone in eval mode; start like any nn.Module
 
     def train(self, mode: bool = True) -> ItemEncoder:
         super().train(mode)
