@@ -212,17 +212,30 @@ def test_fit_validate_export_and_load(world, tmp_path):
         load_pretrained(tmp_path / "art", quantize=other)
 
 
-def test_configs_parse(world):
+def test_configs_build_with_linked_sizes(world):
+    """CPU configs build end to end with sizes linked from the data (tests/test_configs.py parses every
+    YAML); the GPU presets are Table 1's rows (checked against decoder.PRESETS, not built: 1.3B weights)."""
+    import yaml
+
+    from onemall_pl.models.decoder import PRESETS
     from onemall_pl.pretrain import PretrainCLI, PretrainModule, SamplesDataModule
 
     d, q, _ = world
-    for cfg in sorted((ROOT / "configs/pretrain").glob("*.yaml")):
+    for name in ("tiny.yaml", "ml100k.yaml"):
         cli = PretrainCLI(PretrainModule, SamplesDataModule, run=False,
-                          args=["-c", str(cfg), "--data.data_dir", str(d), "--data.sid_artifact", str(q),
-                                "--trainer.accelerator", "cpu", "--trainer.devices", "1",
-                                "--trainer.precision", "32-true"])
-        assert cli.model.cfg.codebook_sizes == tuple(SIZES), cfg  # linked, not typed
+                          args=["-c", str(ROOT / "configs/pretrain" / name), "--data.data_dir", str(d),
+                                "--data.sid_artifact", str(q), "--trainer.accelerator", "cpu"])
+        assert cli.model.cfg.codebook_sizes == tuple(SIZES), name  # linked, not typed
         assert cli.model.cfg.n_shops == cli.datamodule.catalog.sizes["num_shops"]
+        assert cli.model.sid_source == str(q)
+    rows = {"paper-0.05b": "0.05B", "paper-0.1b": "0.1B", "paper-0.5b-a0.1b": "0.5B-A0.1B",
+            "paper-1.3b-a0.1b": "1.3B-A0.1B"}
+    for f, row in rows.items():
+        net = yaml.safe_load((ROOT / "configs/pretrain" / f"{f}.yaml").read_text())["model"]["net"]
+        want = PRESETS[row]
+        for k in ("n_layers", "dim", "ffn_hidden", "n_heads", "n_experts", "top_k", "gated_ffn", "item_dim",
+                  "n_queries"):
+            assert net[k] == getattr(want, k), (f, k)
 
 
 # ----------------------------------------------------------------------------- DDP and resume (subprocesses)
