@@ -156,7 +156,9 @@ class SASRecModule(TwoTowerModule):
         n_items: catalogue size, linked from the data.
         max_len: sequence length, linked from the data.
         d_model / n_layers / n_heads / dropout: the user tower (:class:`SASRecConfig`).
-        loss: ``full`` softmax over all items at every position, or ``in_batch`` sampled softmax.
+        loss: ``full`` softmax over all items, or ``in_batch`` sampled softmax (last position).
+        positions: with ``full``, train every position of the sequence (SASRec) or only the last
+            one, the request's targets (RecBole-style, with ``data.train_rows: all``).
         normalize: cosine scores (L2-normalised towers) divided by ``temperature``.
         temperature: logits are scores / temperature (1.0 for plain dot products).
         lr / weight_decay: AdamW (one group: the towers share the item embedding).
@@ -168,7 +170,8 @@ class SASRecModule(TwoTowerModule):
 
     def __init__(self, n_items: int = 0, max_len: int = 50, d_model: int = 64, n_layers: int = 2,
                  n_heads: int = 2, dropout: float = 0.2, loss: Literal["full", "in_batch"] = "full",
-                 normalize: bool = False, temperature: float = 1.0, lr: float = 1e-3, weight_decay: float = 0.0,
+                 positions: Literal["all", "last"] = "all", normalize: bool = False, temperature: float = 1.0,
+                 lr: float = 1e-3, weight_decay: float = 0.0,
                  exclude_history: bool = False, hr_k: tuple[int, ...] = (10, 50, 100, 500),
                  ndcg_k: tuple[int, ...] = (5, 10), index: Literal["flat", "hnsw"] = "flat",
                  artifacts: Path = Path("artifacts")):
@@ -197,6 +200,8 @@ class SASRecModule(TwoTowerModule):
         h_BLD = self.user_tower.hidden(seq_BL)
         logits_BLN = h_BLD @ self.item_tower.all_items().T / self.hparams.temperature
         labels_BL = torch.cat([seq_BL[:, 1:], targets_BT[:, :1].clamp(min=PAD)], 1) - 1  # -1 = no label
+        if self.hparams.positions == "last":
+            labels_BL[:, :-1] = -1
         ce = F.cross_entropy(logits_BLN.flatten(0, 1), labels_BL.flatten(), ignore_index=-1, reduction="sum")
         n = (labels_BL >= 0).sum()
         if targets_BT.shape[1] > 1:  # the request's other targets, also at the last position
@@ -238,8 +243,14 @@ class SASRecModule(TwoTowerModule):
         self.val_metrics.update(top_BK, batch["targets"], batch["scenario"])
 
     def on_validation_epoch_end(self) -> None:
-        out = self.val_metrics.compute()
-        self.log_dict(flat_metrics(out, "val/"))
+        self.log_dict(flat_metrics(self.val_metrics.compute(), "val/"))
+        self.val_metrics.reset()
+
+    on_test_epoch_start = on_validation_epoch_start
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(flat_metrics(self.val_metrics.compute(), "test/"))
         self.val_metrics.reset()
 
     @torch.no_grad()
