@@ -710,6 +710,13 @@ def _bars(ax, groups: list[str], series: dict[str, list[float | None]], fmt_pct:
     ax.grid(axis="y", alpha=0.3)
 
 
+def _legend_below(fig, ax) -> None:
+    """One legend for the figure, under the plots (it never covers a bar)."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8)
+
+
 CURVE_SKIP = re.compile(r"^(epoch|hp_metric|lr-.*|before/.*|moe/.*)$")
 
 
@@ -763,11 +770,10 @@ def plot_codebooks(q: Manifest | None, rq: Manifest | None, path: Path) -> bool:
     fig, axes = _figure(2 if ppl else 1, w=5.5)
     _bars(axes[0], names, util)
     axes[0].set_title("codebook utilisation (share of codes used)", fontsize=10)
-    axes[0].legend(fontsize=7)
     if ppl:
-        _bars(axes[1], names, ppl)
+        _bars(axes[1], names, {t: ppl.get(t, [None] * levels) for t in util})  # same colours as the left
         axes[1].set_title("perplexity / codebook size (100% = uniform use)", fontsize=10)
-        axes[1].legend(fontsize=7)
+    _legend_below(fig, axes[0])
     fig.suptitle("semantic-ID codebooks" + (f" (sizes {sizes})" if sizes else ""))
     fig.savefig(path, dpi=100)
     return True
@@ -824,6 +830,7 @@ def plot_expert_load(logs: dict[str, dict[str, dict[str, list]]], pretrain: Mani
                 grid[a, e] = x
         im = ax.imshow(grid * E, aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
         ax.set_yticks(range(len(layers)), [lyr.replace("model.", "") for lyr in layers], fontsize=6)
+        ax.set_xticks(range(E))
         ax.set_xlabel("expert")
         ax.set_title(f"{name}\nload x E (1 = balanced)", fontsize=9)
         ax.figure.colorbar(im, ax=ax, shrink=0.8)
@@ -842,50 +849,75 @@ def plot_hr_by_model(table2: dict[str, dict[str, dict[str, float]]], path: Path)
                        key=lambda k: int(k.split("@")[1]))
         _bars(ax, names, {m: [v.get(sc, {}).get(k) for k in names] for m, v in table2.items()})
         ax.set_title(SCENARIO_LABEL.get(sc, sc), fontsize=10)
-    axes[0].legend(fontsize=7)
+    _legend_below(fig, axes[0])
     fig.suptitle("HR@K by model (test requests)")
     fig.savefig(path, dpi=100)
     return True
 
 
 def plot_reward_segments(table4: dict[str, dict[str, dict[str, float]]], path: Path) -> bool:
+    """Each policy's change over Base per beam segment (the paper's marks beside), or the scores without a Base."""
     if not table4:
         return False
     metrics = [k for k in TABLE4_METRICS if any(k in r for p in table4.values() for r in p.values())]
     segs = sorted({s for p in table4.values() for s in p}, key=lambda s: int(s[3:]))
+    base = table4.get("Base")
     fig, axes = _figure(len(metrics), ncols=4, w=3.8)
     for ax, k in zip(axes, metrics):
-        _bars(ax, segs, {p: [rows.get(s, {}).get(k) for s in segs] for p, rows in table4.items()},
-              fmt_pct=k != "reward")
-        ax.set_title(TABLE4_LABEL[k], fontsize=10)
-    axes[0].legend(fontsize=7)
-    fig.suptitle("ranking-model scores by beam segment")
+        if base is None:
+            _bars(ax, segs, {p: [rows.get(s, {}).get(k) for s in segs] for p, rows in table4.items()},
+                  fmt_pct=k != "reward")
+            ax.set_title(TABLE4_LABEL[k], fontsize=10)
+            continue
+
+        def lift(v, b):
+            return None if v is None or not b else v / b - 1
+
+        pols = [p for p in table4 if p != "Base"]
+        _bars(ax, segs, {f"{p} (ours)": [lift(table4[p].get(s, {}).get(k), base.get(s, {}).get(k)) for s in segs]
+                         for p in pols})
+        j = TABLE4_METRICS.index(k)
+        for i, p in enumerate(pols):
+            paper = [lift(PAPER_TABLE4[s][p][j], PAPER_TABLE4[s]["Base"][j]) if s in PAPER_TABLE4 and p in
+                     PAPER_TABLE4[s] else None for s in segs]
+            if any(v is not None for v in paper):
+                off = (i - (len(pols) - 1) / 2) * 0.8 / max(1, len(pols))
+                ax.plot([x + off for x in range(len(segs))], [float("nan") if v is None else 100 * v for v in paper],
+                        "k_", ms=14, mew=2, ls="none", label="paper" if i == 0 else None)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title(f"{TABLE4_LABEL[k]}: change over Base", fontsize=10)
+    _legend_below(fig, axes[0])
+    fig.suptitle("ranking-model scores by beam segment" + ("" if base is None else " (black marks: the paper's)"))
     fig.savefig(path, dpi=100)
     return True
 
 
 def plot_scaling(rows: list[dict], path: Path) -> bool:
-    pts = [r for r in rows if _num(r.get("params_total")) is not None]
-    if not pts:
+    """Table 1: Acc-SID and HR@K of each sweep row (ours, solid) and of the paper row it mirrors (dashed)."""
+    groups = [("Acc-SID", [f"Acc-SID{i}" for i in (1, 2, 3)]), ("HR@K", [f"HR@{k}" for k in PAPER_HR_K])]
+    groups = [(t, [k for k in ks if any(_num(r.get(k)) is not None for r in rows)]) for t, ks in groups]
+    groups = [(t, ks) for t, ks in groups if ks]
+    if not rows or not groups:
         return False
-    metrics = [k for k in ("Acc-SID1", "Acc-SID2", "Acc-SID3", *[f"HR@{k}" for k in PAPER_HR_K])
-               if any(_num(r.get(k)) is not None for r in pts)]
-    if not metrics:
-        return False
-    fig, axes = _figure(1, w=6.0, h=3.8)
-    ax = axes[0]
-    x = [r["params_total"] for r in pts]
-    for k in metrics:
-        ax.plot(x, [100 * r[k] if _num(r.get(k)) is not None else float("nan") for r in pts], marker="o", label=k)
-    for r in pts:
-        ax.annotate(str(r.get("row")), (r["params_total"], 0), textcoords="offset points", xytext=(0, 4),
-                    fontsize=7, rotation=90, xycoords=("data", "axes fraction"))
-    ax.set_xscale("log")
-    ax.set_xlabel("total parameters")
-    ax.set_ylabel("%")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Table 1 rows (ours): metrics vs model size", fontsize=10)
+    paper = {r["row"]: r for r in PAPER_TABLE1}
+    mirror = [paper.get(TABLE1_PAPER_ROW.get(str(r.get("row")), "")) for r in rows]
+    labels = [f"{r.get('row')}\n{_params(r.get('params_total'))}" + (f"\n(paper {m['row']})" if m else "")
+              for r, m in zip(rows, mirror)]
+    fig, axes = _figure(len(groups), ncols=2, w=5.0, h=3.8)
+    x = list(range(len(rows)))
+    for ax, (title, keys) in zip(axes, groups):
+        for c, k in enumerate(keys):
+            color = f"C{c}"
+            ax.plot(x, [100 * v if (v := _num(r.get(k))) is not None else float("nan") for r in rows],
+                    marker="o", color=color, label=f"{k} ours")
+            ax.plot(x, [100 * m[k] if m else float("nan") for m in mirror], ls="--", marker="x", color=color,
+                    alpha=0.6, label=f"{k} paper")
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncols=2)
+        ax.set_title(f"{title} by model size", fontsize=10)
+    fig.suptitle("Table 1: scaling (solid ours, dashed the paper's matching row)")
     fig.savefig(path, dpi=100)
     return True
 
