@@ -218,3 +218,39 @@ class TigerT5(nn.Module):
         """The slice of the vocabulary holding level ``level``'s codes: ``(B, codebook_sizes[level])``."""
         start = int(self.level_offsets[level])
         return logits_BV[:, start:start + self.cfg.codebook_sizes[level]]
+
+    def beam_model(self, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor) -> T5StepModel:
+        """The step model that ``onemall_pl.retrieval.beam_search`` drives (see :class:`T5StepModel`)."""
+        return T5StepModel(self, input_ids_BL, attention_mask_BL)
+
+
+class T5StepModel:
+    """TigerT5 as a ``retrieval.beam.StepModel``: the encoder runs once per request; each step
+    feeds only the newest decoder token of every beam, with the decoder's KV cache (self- and
+    cross-attention) reordered to follow the surviving beams."""
+
+    def __init__(self, model: TigerT5, input_ids_BL: torch.Tensor, attention_mask_BL: torch.Tensor):
+        self.model, self.mask_BL = model, attention_mask_BL
+        self.enc_BLD = model.encode(input_ids_BL, attention_mask_BL)
+        self.rows = torch.arange(len(input_ids_BL), device=input_ids_BL.device)  # request of each beam row
+        self.cache = None
+
+    def _logp(self, logits_NV: torch.Tensor, level: int) -> torch.Tensor:
+        # full-vocabulary softmax (as Hugging Face scores beams), then the level's codes
+        return self.model.level_logits(logits_NV.float().log_softmax(-1), level)
+
+    def start(self) -> torch.Tensor:
+        B = len(self.rows)
+        start_B1 = torch.full((B, 1), PAD_TOKEN, dtype=torch.long, device=self.rows.device)
+        logits, self.cache = self.model.decode(start_B1, self.enc_BLD, self.mask_BL)
+        return self._logp(logits, 0)
+
+    def step(self, parent_BK: torch.Tensor, token_BK: torch.Tensor, level: int) -> torch.Tensor:
+        B, K = token_BK.shape
+        k_prev = len(self.rows) // B
+        flat = (parent_BK + torch.arange(B, device=parent_BK.device)[:, None] * k_prev).flatten()
+        self.cache.reorder_cache(flat)
+        self.rows = self.rows[flat]
+        tok_N1 = token_BK.reshape(-1, 1) + self.model.level_offsets[level]
+        logits, self.cache = self.model.decode(tok_N1, self.enc_BLD[self.rows], self.mask_BL[self.rows], self.cache)
+        return self._logp(logits, level + 1).view(B, K, -1)
