@@ -198,7 +198,7 @@ def _collate_exposures(batch: pa.Table, histories: pa.Table, max_len: dict[str, 
     for c in SEQ_COLUMNS:
         batch = batch.append_column(c, h.column(c))
     return collate_sequences(batch, {c: max_len[c] for c in SEQ_COLUMNS},
-                             scalar_columns=["user_id", "scenario", "item", "click", "order", "gmv"])
+                             scalar_columns=["user_id", "ts", "scenario", "item", "click", "order", "gmv"])
 
 
 class EventsDataModule(pl.LightningDataModule):
@@ -270,7 +270,8 @@ class EventsDataModule(pl.LightningDataModule):
         req = np.searchsorted(hist.column("request_id").to_numpy(), rid)  # histories are sorted by request_id
         split = self._request_splits(hist, events)[req]
         self.exposures = pa.table({
-            "req": req, "user_id": events.column("user_id"), "scenario": events.column("scenario"),
+            "req": req, "user_id": events.column("user_id"), "ts": events.column("ts"),
+            "scenario": events.column("scenario"),
             "item": item, "click": events.column("click"), "order": events.column("order"),
             "gmv": events.column("gmv"), "split": pa.array(np.asarray(SPLITS)[split])})
         train = split == 0
@@ -317,7 +318,7 @@ class EventsDataModule(pl.LightningDataModule):
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         ds = ParquetMapDataset(self.exposures, filter={"split": split}, columns=[
-            "req", "user_id", "scenario", "item", "click", "order", "gmv"],
+            "req", "user_id", "ts", "scenario", "item", "click", "order", "gmv"],
             collate=partial(_collate_exposures, histories=self.histories, max_len=self.max_len))
         h = self.hparams
         return DataLoader(ds, batch_size=h.batch_size if train else h.eval_batch_size, shuffle=train,
@@ -444,6 +445,8 @@ class RewardModule(pl.LightningModule):
         out = out or Path(self.hparams.artifacts_root) / dm.dataset_name / "reward"
         metrics = {"valid": self.evaluate(dm.val_dataloader()), "test": self.evaluate(dm.test_dataloader()),
                    "exposures": dm.split_counts, "base_rates": dm.base_rates}
+        if (Path(dm.hparams.data_dir) / "world").is_dir():  # a synthetic world: compare with its truth
+            metrics["oracle_test"] = oracle_agreement(self, dm, dm.test_dataloader())
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         meta = {"model": dataclasses.asdict(self.cfg), "fusion": dataclasses.asdict(self.fusion),
                 "base_rates": dm.base_rates, "max_len": dm.max_len,
@@ -461,6 +464,41 @@ class RewardModule(pl.LightningModule):
         rank_zero_info(f"reward artifact {out} (id {m.id}): test " +
                        ", ".join(f"{k} {v:.4f}" for k, v in metrics["test"].items()))
         return m
+
+
+@torch.no_grad()
+def oracle_agreement(module: RewardModule, dm: EventsDataModule, loader: DataLoader) -> dict[str, float]:
+    """On a synthetic world (``onemall data synth``), how the predictions agree with the truth.
+
+    ``spearman_<head>``: rank correlation over the loader's exposures between the prediction
+    and the world's oracle (:meth:`World.expected`: P(click), P(click and order), E[GMV]);
+    ``oracle_<head>_auc``: the AUC of the oracle itself on the sampled labels, the ceiling of
+    the model's ``<head>_auc``.
+    """
+    from torchmetrics.regression import SpearmanCorrCoef
+
+    from onemall_pl.data.synth import World
+
+    world = World.load(dm.hparams.data_dir)
+    module.eval()
+    cols: dict[str, list] = {k: [] for k in ("ctr", "ctcvr", "egpm", "user_id", "ts", "scenario", "item", "click",
+                                              "order")}
+    for batch in loader:
+        out = module({k: v.to(module.device) for k, v in batch.items()})
+        for k in ("ctr", "ctcvr", "egpm"):
+            cols[k].append(out[k].double().cpu())
+        for k in ("user_id", "ts", "scenario", "item", "click", "order"):
+            cols[k].append(batch[k])
+    c = {k: torch.cat(v) for k, v in cols.items()}
+    p_click, p_order, e_gmv = world.expected(c["user_id"].numpy(), c["ts"].numpy(), c["scenario"].numpy(),
+                                             dm.catalog.ids_of(c["item"].numpy()))
+    truth = {"ctr": p_click, "ctcvr": p_order, "egpm": e_gmv}
+    res = {f"spearman_{k}": float(SpearmanCorrCoef()(c[k], torch.as_tensor(truth[k], dtype=torch.float64)))
+           for k in truth}
+    for k, label in (("ctr", "click"), ("ctcvr", "order")):
+        res[f"oracle_{k}_auc"] = float(BinaryAUROC()(torch.as_tensor(truth[k]), c[label]))
+        res[f"model_{k}_auc"] = float(BinaryAUROC()(c[k], c[label]))
+    return res
 
 
 def head_metrics() -> torch.nn.ModuleDict:

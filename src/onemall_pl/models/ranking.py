@@ -202,8 +202,15 @@ class RankingModel(nn.Module):
             ``ctr``, ``cvr``, ``ctcvr`` and ``egpm`` (expected GMV per 1000 exposures), each (B, N).
         """
         B, N = item_BN.shape
-        q_BND = self.items(item_BN)
-        pooled = [attn(q_BND, self.items(seqs[s]), masks[s]) for attn, s in zip(self.attn, SEQUENCES)]
+        # The item tower runs once per distinct item of the batch (targets and histories share
+        # most items), then its vectors are gathered: same values, far less work than per position.
+        flat = [item_BN.reshape(-1), *(seqs[s].reshape(-1) for s in SEQUENCES)]
+        uniq, inv = torch.unique(torch.cat(flat), return_inverse=True)
+        vec_UD = self.items(uniq)
+        parts = torch.split(inv, [t.numel() for t in flat])
+        q_BND = vec_UD[parts[0]].view(B, N, vec_UD.shape[-1])
+        k_BLD = {s: vec_UD[p].view(*seqs[s].shape, vec_UD.shape[-1]) for s, p in zip(SEQUENCES, parts[1:])}
+        pooled = [attn(q_BND, k_BLD[s], masks[s]) for attn, s in zip(self.attn, SEQUENCES)]
         lens_B3 = torch.stack([masks[s].sum(-1) for s in SEQUENCES], -1).float()
         x = torch.cat([q_BND, *pooled,
                        self.scenario(scenario_B).unsqueeze(1).expand(B, N, -1),
