@@ -74,8 +74,16 @@ def test_fit_export_retrieve(micro, tmp_path):
     data = SequenceData(micro, max_len=10)
     rows = data.split("test").table.slice(0, 8)
     exact = retriever.module.topk(data.collate(rows)["seq"], 5)
-    via_faiss = retriever.retrieve(rows, 5)
-    assert torch.equal(torch.from_numpy(retriever.catalog.ids_of(exact - 1)), via_faiss)
+    any_type = SASRecRetriever.from_artifact(art / "micro" / "sasrec", micro, by_scenario_type=False)
+    assert torch.equal(torch.from_numpy(retriever.catalog.ids_of(exact - 1)), any_type.retrieve(rows, 5))
+    # by default a request is answered from its scenario's item type, as OneMall does
+    from onemall_pl.data.schema import ITEM_TYPES
+    from onemall_pl.pretrain import SCENARIO_ITEM_TYPE
+
+    top = retriever.retrieve(rows, 5)
+    types = retriever.catalog.item_type[torch.from_numpy(retriever.catalog.index_of(top.numpy()))]
+    want = [ITEM_TYPES.index(SCENARIO_ITEM_TYPE[s]) for s in rows.column("scenario").to_pylist()]
+    assert (types == torch.tensor(want)[:, None]).all()
     # excluding the history never returns a history item
     hist = set(rows.column("seq_click")[0].as_py()[-10:])
     assert not hist & set(retriever.retrieve(rows, 20, exclude_history=True)[0].tolist())

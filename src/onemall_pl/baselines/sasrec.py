@@ -24,7 +24,8 @@ the user's whole training history up to ``max_click`` of ``data build``, so all 
 together are SASRec's usual one-sequence-per-user); ``all`` streams every training request.
 
 Retrieval: the user vector after the latest item, top-K by inner product in a faiss index
-over the item vectors (``index``: ``flat`` exact, ``hnsw`` approximate). ``exclude_history``
+over the item vectors (``index``: ``flat`` exact, ``hnsw`` approximate), over the items of the
+request's scenario type as OneMall does (products for product-card requests, ...). ``exclude_history``
 drops the items of the input sequence from the ranking (the literature's full-ranking
 protocol on MovieLens / Amazon); Table 2 on the embedded world excludes nothing.
 Evaluation: HR@K per scenario (paper) and NDCG@K (literature) on the held-out requests,
@@ -255,10 +256,12 @@ class SASRecModule(TwoTowerModule):
 
     @torch.no_grad()
     def export_artifact(self, trainer, datamodule: SequenceData, out: Path | None) -> Manifest | None:
+        import faiss
+
         self.eval()
         vectors = self.item_tower.all_items().float().cpu().numpy()
-        retriever = SASRecRetriever(self, datamodule.catalog, datamodule.sequence, datamodule.max_len,
-                                    build_index(vectors, datamodule.catalog.item_ids, self.hparams.index))
+        retriever = SASRecRetriever(self, datamodule.catalog, datamodule.sequence, datamodule.max_len, vectors,
+                                    self.hparams.index)
         metrics = {split: replay(retriever, datamodule.dataset, split, hr_k=self.hparams.hr_k,
                                  ndcg_k=self.hparams.ndcg_k, exclude_history=self.hparams.exclude_history)
                    for split in ("valid", "test")}
@@ -273,7 +276,7 @@ class SASRecModule(TwoTowerModule):
 
         def build(tmp: Path) -> None:
             pq.write_table(table, tmp / "item_vectors.parquet")
-            export_index(vectors, datamodule.catalog.item_ids, tmp / "items.faiss")
+            faiss.write_index(retriever.indexes[None], str(tmp / "items.faiss"))
             torch.save({"hparams": config, "state_dict": self.state_dict()}, tmp / "sasrec.pt")
             (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
@@ -300,37 +303,60 @@ def build_index(vectors: np.ndarray, item_ids: np.ndarray, kind: str = "flat"):
 
 
 class SASRecRetriever:
-    """Held-out requests (Arrow rows of ``samples``) -> top-K raw item ids via the faiss index."""
+    """Held-out requests (Arrow rows of ``samples``) -> top-K raw item ids via faiss.
 
-    def __init__(self, module: SASRecModule, catalog: ItemCatalog, sequence: str, max_len: int, index):
-        self.module, self.catalog, self.sequence, self.max_len, self.index = module, catalog, sequence, max_len, index
-        self.name = "SASRec"
+    ``by_scenario_type``: a request is answered from the items of its scenario's type
+    (product card -> products, short-video -> videos, live-stream -> live-streams), as OneMall's
+    beam search runs over that type's SID trie; one faiss index per item type.
+    """
+
+    def __init__(self, module: SASRecModule, catalog: ItemCatalog, sequence: str, max_len: int,
+                 vectors: np.ndarray, index: str = "flat", by_scenario_type: bool = True):
+        self.module, self.catalog, self.sequence, self.max_len = module, catalog, sequence, max_len
+        self.by_scenario_type, self.name = by_scenario_type, "SASRec"
+        types = catalog.item_type.numpy()
+        self.indexes = {None: build_index(vectors, catalog.item_ids, index)}
+        if by_scenario_type:
+            from onemall_pl.data.schema import ITEM_TYPES
+
+            for t, name in enumerate(ITEM_TYPES):
+                if (types == t).any():
+                    self.indexes[name] = build_index(vectors[types == t], catalog.item_ids[types == t], index)
 
     @classmethod
-    def from_artifact(cls, folder: str | Path, dataset: str | Path) -> SASRecRetriever:
+    def from_artifact(cls, folder: str | Path, dataset: str | Path, by_scenario_type: bool = True) -> SASRecRetriever:
         m = load_manifest(folder, stage="sasrec")
         ckpt = torch.load(m.file("sasrec.pt"), map_location="cpu", weights_only=False)
         params = inspect.signature(SASRecModule.__init__).parameters
         module = SASRecModule(**{k: v for k, v in ckpt["hparams"].items() if k in params})
         module.load_state_dict(ckpt["state_dict"])
         module.eval()
-        import faiss
-
         catalog = ItemCatalog.load(dataset)
         if len(catalog) != m.size("n_items"):
             raise ValueError(f"{folder}: trained on {m.size('n_items')} items, {dataset} has {len(catalog)}")
+        t = pq.read_table(m.file("item_vectors.parquet"))
+        if not np.array_equal(t.column("item_id").to_numpy(), catalog.item_ids):
+            raise ValueError(f"{folder}: its item vectors are not keyed by the items of {dataset}")
+        vectors = np.asarray(t.column("embedding").combine_chunks().flatten().to_numpy(), np.float32)
         data = ckpt["hparams"]["data"]
-        return cls(module, catalog, data["sequence"], data["max_len"], faiss.read_index(str(m.file("items.faiss"))))
+        return cls(module, catalog, data["sequence"], data["max_len"], vectors.reshape(len(catalog), -1),
+                   module.hparams.index, by_scenario_type)
 
     @torch.no_grad()
     def retrieve(self, rows: pa.Table, k: int, exclude_history: bool = False) -> torch.Tensor:
         """``(B, k)`` raw item ids, best first (-1 pads)."""
+        from onemall_pl.pretrain import SCENARIO_ITEM_TYPE
+
         b = sequence_batch(rows, self.catalog, self.sequence, self.max_len, None)
         device = next(self.module.parameters()).device
-        u_BD = self.module.user_tower({"seq": b["seq"].to(device)}).float().cpu().numpy()
+        u_BD = np.ascontiguousarray(self.module.user_tower({"seq": b["seq"].to(device)}).float().cpu().numpy())
         extra = b["seq"].shape[1] if exclude_history else 0
-        _, ids_BK = self.index.search(np.ascontiguousarray(u_BD), k + extra)
-        ids_BK = torch.from_numpy(ids_BK)
+        ids_BK = torch.full((len(u_BD), k + extra), TARGET_PAD, dtype=torch.long)
+        for s, scen in enumerate(SCENARIOS):
+            rows_R = (b["scenario"] == s).nonzero(as_tuple=True)[0]
+            if len(rows_R):
+                index = self.indexes[SCENARIO_ITEM_TYPE[scen] if self.by_scenario_type else None]
+                ids_BK[rows_R] = torch.from_numpy(index.search(u_BD[rows_R.numpy()], k + extra)[1])
         if exclude_history:
             hist_BL = torch.from_numpy(self.catalog.ids_of(np.maximum(b["seq"].numpy() - 1, 0)))
             hist_BL = torch.where(b["seq"] > 0, hist_BL, TARGET_PAD)

@@ -171,14 +171,16 @@ class TigerModule(pl.LightningModule):
 
     @torch.no_grad()
     def retrieve(self, hist_sids_BHS: torch.Tensor, user_B: torch.Tensor, hist_BH: torch.Tensor | None,
-                 k: int, beam: int | None = None, max_rows: int = 20_000) -> torch.Tensor:
-        """Top-``k`` raw item ids ``(B, k)`` by constrained beam search (-1 pads); drops the
-        items of ``hist_BH`` (raw ids, -1 pads) when given. Requests are decoded in chunks of
-        ``max_rows // beam`` to bound the beams' KV cache."""
-        assert self.trie is not None, "no SID trie: fit through TigerData or load with TigerRetriever"
+                 k: int, beam: int | None = None, max_rows: int = 20_000, trie: SIDTrie | None = None
+                 ) -> torch.Tensor:
+        """Top-``k`` raw item ids ``(B, k)`` by constrained beam search over ``trie`` (default: all
+        items) (-1 pads); drops the items of ``hist_BH`` (raw ids, -1 pads) when given. Requests
+        are decoded in chunks of ``max_rows // beam`` to bound the beams' KV cache."""
+        trie = trie or self.trie
+        assert trie is not None, "no SID trie: fit through TigerData or load with TigerRetriever"
         extra = hist_BH.shape[1] if hist_BH is not None else 0
         beam = max(beam or self.hparams.beam, k + extra)
-        trie = self.trie.to(self.device) if self.trie.device != self.device else self.trie
+        trie = trie.to(self.device) if trie.device != self.device else trie
         out = []
         step = max(1, max_rows // beam)
         for s in range(0, len(hist_sids_BHS), step):
@@ -249,19 +251,32 @@ class TigerModule(pl.LightningModule):
 
 
 class TigerRetriever:
-    """Held-out requests (Arrow rows of ``samples``) -> top-K raw item ids by beam search."""
+    """Held-out requests (Arrow rows of ``samples``) -> top-K raw item ids by beam search.
 
-    def __init__(self, module: TigerModule, catalog: ItemCatalog, sequence: str, max_items: int):
+    ``by_scenario_type``: a request is decoded over the SID trie of its scenario's item type,
+    as OneMall's beam search is (one SID space, one trie per type).
+    """
+
+    def __init__(self, module: TigerModule, catalog: ItemCatalog, sequence: str, max_items: int,
+                 by_scenario_type: bool = True):
+        from onemall_pl.data.schema import ITEM_TYPES
+
         self.module, self.catalog, self.sequence, self.max_items = module, catalog, sequence, max_items
-        self.name = "TIGER"
+        self.by_scenario_type, self.name = by_scenario_type, "TIGER"
+        sizes, types = module.hparams.codebook_sizes, catalog.item_type.numpy()
+        self.tries = {None: SIDTrie(catalog.sid, torch.from_numpy(catalog.item_ids), sizes)}
+        if by_scenario_type:
+            for t, name in enumerate(ITEM_TYPES):
+                if (types == t).any():
+                    self.tries[name] = SIDTrie(catalog.sid[types == t], torch.from_numpy(catalog.item_ids[types == t]),
+                                               sizes)
 
     @classmethod
-    def from_artifact(cls, folder: str | Path, dataset: str | Path) -> TigerRetriever:
+    def from_artifact(cls, folder: str | Path, dataset: str | Path, by_scenario_type: bool = True) -> TigerRetriever:
         from onemall_pl.artifacts import check_upstream
 
         m = load_manifest(folder, stage="tiger")
-        rq_dir = Path(folder).parent / "rqvae"
-        rq = load_manifest(rq_dir, stage="rqvae")
+        rq = load_manifest(Path(folder).parent / "rqvae", stage="rqvae")
         check_upstream(m, rq)
         ckpt = torch.load(m.file("tiger.pt"), map_location="cpu", weights_only=False)
         params = inspect.signature(TigerModule.__init__).parameters
@@ -269,14 +284,22 @@ class TigerRetriever:
         module.load_state_dict(ckpt["state_dict"])
         module.eval()
         catalog = ItemCatalog.load(dataset, sid_table=rq.file("sid_table"))
-        module.trie = SIDTrie(catalog.sid, torch.from_numpy(catalog.item_ids), module.hparams.codebook_sizes)
         data = ckpt["hparams"]["data"]
-        return cls(module, catalog, data["sequence"], data["max_items"])
+        return cls(module, catalog, data["sequence"], data["max_items"], by_scenario_type)
 
     @torch.no_grad()
     def retrieve(self, rows: pa.Table, k: int, exclude_history: bool = False) -> torch.Tensor:
+        from onemall_pl.pretrain import SCENARIO_ITEM_TYPE
+
         b = tiger_batch(rows, self.catalog, self.sequence, self.max_items, None, explode=False)
-        return self.module.retrieve(b["hist_sids"], b["user"], b["hist"] if exclude_history else None, k)
+        out = torch.full((rows.num_rows, k), PAD, dtype=torch.long)
+        for s, scen in enumerate(SCENARIOS):
+            r = (b["scenario"] == s).nonzero(as_tuple=True)[0]
+            if len(r):
+                trie = self.tries[SCENARIO_ITEM_TYPE[scen] if self.by_scenario_type else None]
+                out[r] = self.module.retrieve(b["hist_sids"][r], b["user"][r],
+                                              b["hist"][r] if exclude_history else None, k, trie=trie)
+        return out
 
 
 class TigerCLI(StageCLI):
