@@ -163,6 +163,30 @@ def test_grouped_auc_matches_sklearn_per_group():
     assert metric.compute().item() == pytest.approx(got.item(), abs=1e-6)
 
 
+def test_head_metrics_match_sklearn_even_for_egpm_scale():
+    """EGPM is in currency per 1000 exposures, far outside [0, 1]: its AUC must still be its ranking's."""
+    from onemall_pl.reward import head_metrics, update_head_metrics
+
+    rng = np.random.default_rng(1)
+    n = 300
+    click = (rng.random(n) < 0.3).astype(np.int64)
+    order = click * (rng.random(n) < 0.4)
+    gmv = order * rng.uniform(10, 100, n)
+    egpm = rng.uniform(100, 20000, n) + 5000 * order
+    ctr = rng.random(n) * 0.5 + 0.3 * click
+    out = {"ctr": torch.tensor(ctr), "cvr": torch.tensor(rng.random(n)), "ctcvr": torch.tensor(ctr * 0.1),
+           "egpm": torch.tensor(egpm), "log_gmv": torch.tensor(np.log(gmv + 1))}
+    batch = {"click": torch.tensor(click), "order": torch.tensor(order), "gmv": torch.tensor(gmv),
+             "user_id": torch.tensor(rng.integers(0, 10, n))}
+    metrics = head_metrics()
+    update_head_metrics(metrics, out, batch)
+    assert metrics["egpm_auc"].compute().item() == pytest.approx(roc_auc_score(order, egpm), abs=1e-6)
+    assert metrics["ctr_auc"].compute().item() == pytest.approx(roc_auc_score(click, ctr), abs=1e-6)
+    cvr_rows = click > 0
+    assert metrics["cvr_auc"].compute().item() == pytest.approx(
+        roc_auc_score(order[cvr_rows], out["cvr"].numpy()[cvr_rows]), abs=1e-6)
+
+
 def test_grouped_auc_no_valid_group_is_nan():
     assert math.isnan(grouped_auc(torch.rand(4), torch.ones(4), torch.tensor([0, 0, 1, 1])).item())
 

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryAUROC
 from torchmetrics.regression import PearsonCorrCoef
@@ -149,12 +149,12 @@ class GroupedAUROC(Metric):
         self.add_state("groups", default=[], dist_reduce_fx="cat")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> None:
-        self.preds.append(preds.detach().flatten().float())
+        self.preds.append(preds.detach().flatten().double())
         self.target.append(target.detach().flatten().long())
         self.groups.append(groups.detach().flatten().long())
 
     def compute(self) -> torch.Tensor:
-        if not self.preds:
+        if isinstance(self.preds, list) and not self.preds:  # after a DDP sync the states are tensors
             return torch.tensor(float("nan"))
         return grouped_auc(dim_zero_cat(self.preds), dim_zero_cat(self.target), dim_zero_cat(self.groups))
 
@@ -321,9 +321,14 @@ class EventsDataModule(pl.LightningDataModule):
             "req", "user_id", "ts", "scenario", "item", "click", "order", "gmv"],
             collate=partial(_collate_exposures, histories=self.histories, max_len=self.max_len))
         h = self.hparams
-        return DataLoader(ds, batch_size=h.batch_size if train else h.eval_batch_size, shuffle=train,
-                          collate_fn=ds.collate_fn, num_workers=h.num_workers,
-                          persistent_workers=h.num_workers > 0)
+        # Shard by rank here (the DDP trainer configs turn Lightning's sampler injection off);
+        # Lightning calls the sampler's set_epoch. Evaluation shards pad with repeats to even sizes.
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sampler = DistributedSampler(ds, shuffle=train)
+        return DataLoader(ds, batch_size=h.batch_size if train else h.eval_batch_size,
+                          shuffle=train and sampler is None, sampler=sampler, collate_fn=ds.collate_fn,
+                          num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)
@@ -518,7 +523,9 @@ def update_head_metrics(metrics: Mapping[str, Metric], out: Mapping[str, torch.T
             "egpm": (slice(None), (batch["gmv"] > 0).long())}
     done = {}
     for head, (sel, label) in rows.items():
-        score, y, user = out[head][sel], label[sel], batch["user_id"][sel]
+        score, y, user = out[head][sel].double(), label[sel], batch["user_id"][sel]
+        if head == "egpm":  # BinaryAUROC reads scores outside [0, 1] as logits: map monotonically into it
+            score = score / (score + 1000.0)
         if y.numel() == 0:
             continue
         metrics[f"{head}_auc"].update(score, y)
