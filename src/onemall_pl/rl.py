@@ -399,6 +399,7 @@ class RLModule(PretrainModule):
                                    "reward_artifact": reward_artifact, "rl": dataclasses.asdict(rl)})
         self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.synced_at = 0
+        self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))  # optimiser steps, for the manifest
         self.scorer = None  # the RewardScorer, loaded on first use (on the module's device)
         self.val_reward, self.val_valid = MeanMetric(), MeanMetric()
 
@@ -425,6 +426,7 @@ class RLModule(PretrainModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
         step = self.global_step
+        self.trained_steps.fill_(step)
         if step and step % self.rl.sync_every == 0 and step != self.synced_at:
             self.sync_reference()
 
@@ -530,7 +532,7 @@ class RLModule(PretrainModule):
             return None
         out = out or Path(self.hparams.artifacts_root) / dm.dataset_name / f"rl_{self.rl.algo}"
         t0 = time.perf_counter()
-        metrics = {"test": self.evaluate(dm.test_dataloader(), dm.leave_one_out), "steps": int(trainer.global_step)}
+        metrics = {"test": self.evaluate(dm.test_dataloader(), dm.leave_one_out), "steps": int(self.trained_steps)}
         metrics["eval_s"] = time.perf_counter() - t0
         params = count_params(self.model)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
