@@ -47,3 +47,33 @@ def test_retrieval_metrics_per_scenario():
     assert out["product_card"]["HR@1"] == 0.0 and out["live_stream"]["HR@1"] == pytest.approx(0.25)
     assert "short_video" not in out and out["requests"] == {"overall": 3, "product_card": 1, "live_stream": 2}
     assert flat_metrics(out, "test/")["test/live_stream/HR@2"] == pytest.approx(0.25)
+
+
+class _Fixed:
+    """A retriever that answers every request with the same ranked list."""
+
+    def __init__(self, ranked):
+        self.ranked = ranked
+
+    def retrieve(self, rows, k):
+        return pad_lists([self.ranked[:k]] * rows.num_rows, width=k)
+
+
+def test_replay_excludes_the_whole_history(tmp_path):
+    import pyarrow as pa
+
+    from onemall_pl.io import write_table
+    from onemall_pl.metrics import replay
+
+    ids = pa.list_(pa.int64())
+    write_table(tmp_path, "samples", pa.table({
+        "request_id": pa.array([1, 2], pa.int64()), "user_id": pa.array([0, 1], pa.int64()),
+        "ts": pa.array([5, 6], pa.int64()), "scenario": ["product_card", "short_video"],
+        "seq_exposure": pa.array([[], []], ids), "seq_click": pa.array([[7, 8, 9], [1]], ids),
+        "seq_order": pa.array([[], []], ids), "targets": pa.array([[3], [2]], ids), "split": ["test", "test"]}))
+    ranked = [9, 8, 7, 3, 1, 2]
+    plain = replay(_Fixed(ranked), tmp_path, "test", hr_k=(1, 4), ndcg_k=(1,))
+    assert plain["overall"]["HR@4"] == 0.5 and plain["overall"]["HR@1"] == 0.0
+    out = replay(_Fixed(ranked), tmp_path, "test", hr_k=(1, 2), ndcg_k=(1,), exclude_history=True)
+    assert out["product_card"]["HR@1"] == 1.0  # 9, 8, 7 dropped: 3 comes first
+    assert out["short_video"]["HR@1"] == 0.0 and out["short_video"]["HR@2"] == 0.0  # 9, 8, then 7

@@ -84,6 +84,3 @@ def test_fit_export_retrieve(micro, tmp_path):
     types = retriever.catalog.item_type[torch.from_numpy(retriever.catalog.index_of(top.numpy()))]
     want = [ITEM_TYPES.index(SCENARIO_ITEM_TYPE[s]) for s in rows.column("scenario").to_pylist()]
     assert (types == torch.tensor(want)[:, None]).all()
-    # excluding the history never returns a history item
-    hist = set(rows.column("seq_click")[0].as_py()[-10:])
-    assert not hist & set(retriever.retrieve(rows, 20, exclude_history=True)[0].tolist())

@@ -92,5 +92,3 @@ def test_fit_export_replay(world, tmp_path):
     rows = TigerData(data_dir, artifacts=art)._eval_loader("test", 4).dataset.table
     top = retriever.retrieve(rows, 20)
     assert (top >= 0).all() and all(len(set(r.tolist())) == 20 for r in top)  # 20 distinct valid items
-    hist = set(rows.column("seq_click")[0].as_py()[-20:])
-    assert not hist & set(retriever.retrieve(rows, 20, exclude_history=True)[0].tolist())

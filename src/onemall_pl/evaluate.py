@@ -2,6 +2,7 @@
 
     onemall evaluate rl --data_dir data/synth     # paper Table 4 + the offline A/B (Table 3 analogue)
     onemall evaluate ab --data_dir data/synth     # the offline A/B alone
+    onemall evaluate compare --data_dir data/synth  # paper Table 2: SASRec vs TIGER vs OneMall, HR@K per scenario
 
 Each command is a typed function; jsonargparse builds the parser from its signature and docstring.
 Results go into the ``evaluate`` artifact (``artifacts/<dataset>/evaluate/``, stage ``evaluate``):
@@ -375,6 +376,155 @@ def ab(data_dir: Path = Path("data/synth"), policies: dict[str, str] | None = No
     return metrics
 
 
+# ----------------------------------------------------------------------------- compare (Table 2)
+
+COMPARE_MODELS = ("SASRec", "TIGER", "OneMall")
+
+
+class OneMallRetriever:
+    """A OneMall policy (``pretrain`` or ``rl`` artifact) as a retriever for
+    :func:`onemall_pl.metrics.replay`: constrained beam search of width ``beam`` over the SID trie
+    of each request's scenario type, SIDs expanded to their items (``rl.policy_topk``)."""
+
+    def __init__(self, data_dir: str | Path, policy: str | Path, sid_artifact: str | Path, beam: int = 500,
+                 device: str = "cpu"):
+        import json
+
+        import torch
+
+        from onemall_pl.artifacts import load_manifest
+        from onemall_pl.pretrain import SamplesDataModule
+        from onemall_pl.rl import load_policy
+
+        pm = load_manifest(policy)
+        meta = json.loads(pm.file("model.json").read_text())
+        ml = meta["max_len"]
+        dm = SamplesDataModule(str(data_dir), str(sid_artifact), max_exposure=ml["exposure"], max_click=ml["click"],
+                               max_order=ml["order"], max_targets=meta["max_targets"],
+                               num_price_bands=pm.config.get("data", {}).get("num_price_bands", 16))
+        self.device = torch.device(device)
+        self.model = load_policy(policy, dm.sid_manifest, map_location=device)[0].to(self.device)
+        self.collate, self.beam, self.manifest = dm.collate, beam, pm
+        self.tries = {k: t.to(self.device) for k, t in dm.sids.tries.items()}
+        self.name = "OneMall"
+
+    def retrieve(self, rows, k: int):
+        from onemall_pl.pretrain import SAMPLE_COLUMNS, _to
+        from onemall_pl.rl import policy_topk
+
+        batch = _to(self.collate(rows.select(SAMPLE_COLUMNS)), self.device)
+        return policy_topk(self.model, batch, self.tries, max(self.beam, k), k).cpu()
+
+
+def compare(data_dir: Path = Path("data/synth"), artifacts: Path = Path("artifacts"),
+            models: tuple[str, ...] = COMPARE_MODELS, onemall: str | None = None, split: str = "test",
+            hr_k: tuple[int, ...] = (50, 100, 500), loo_k: tuple[int, ...] = (5, 10), beam: int = 500,
+            requests: int | None = None, batch_size: int = 64, device: str = "cpu", out: str | None = None) -> dict:
+    """Paper Table 2: SASRec, TIGER and OneMall answer the same held-out requests; HR@K per scenario.
+
+    Every model is read from its artifact (``sasrec``, ``tiger`` + ``rqvae``, ``pretrain`` / ``rl_*`` +
+    ``quantize`` under ``<artifacts>/<dataset>/``) and scored by :func:`onemall_pl.metrics.replay`, the
+    same requests and the same code for all; each request is answered from its scenario's item type.
+    For a leave-one-out dataset (MovieLens, Amazon) the literature table is added: Recall@K and NDCG@K
+    with full ranking over all items, the user's history excluded (one held-out item per user: Recall@K
+    is HR@K).
+
+    Args:
+        data_dir: the dataset folder.
+        artifacts: the artifacts root.
+        models: which of SASRec, TIGER, OneMall to compare (each must have its artifact).
+        onemall: the OneMall policy artifact; default ``rl_grpo`` if it exists, else ``pretrain``.
+        split: the held-out split replayed.
+        hr_k: the K of HR@K (Table 2).
+        loo_k: the K of Recall@K / NDCG@K (literature table, leave-one-out datasets only).
+        beam: beam width of TIGER and OneMall (>= the largest K).
+        requests: replay only the first this many requests of the split (default: all).
+        batch_size: requests per retrieval call.
+        device: ``cpu`` or ``cuda``.
+        out: the evaluate artifact folder; default ``<artifacts>/<dataset>/evaluate``.
+    """
+    import json
+
+    from onemall_pl.artifacts import ArtifactError, load_manifest
+    from onemall_pl.data.build import is_leave_one_out
+    from onemall_pl.io import read_dataset_info
+    from onemall_pl.metrics import replay
+
+    info = read_dataset_info(data_dir)
+    root = Path(artifacts) / info.name
+    unknown = [m for m in models if m not in COMPARE_MODELS]
+    if unknown or not models:
+        raise ValueError(f"models must be among {list(COMPARE_MODELS)}, got {list(models)}")
+    if beam < max(hr_k):
+        raise ValueError(f"beam={beam} is narrower than the largest K {max(hr_k)}")
+    retrievers, sources = {}, {}
+    for name in models:  # fail in the first second if an artifact is missing
+        if name == "SASRec":
+            from onemall_pl.baselines.sasrec import SASRecRetriever
+
+            r = SASRecRetriever.from_artifact(root / "sasrec", data_dir)
+            sources[name] = load_manifest(root / "sasrec", stage="sasrec", verify=False)
+        elif name == "TIGER":
+            from onemall_pl.baselines.tiger import TigerRetriever
+
+            r = TigerRetriever.from_artifact(root / "tiger", data_dir)
+            r.module.hparams.beam = beam
+            r.module.to(device)
+            sources[name] = load_manifest(root / "tiger", stage="tiger", verify=False)
+        else:
+            policy = Path(onemall) if onemall else (root / "rl_grpo" if (root / "rl_grpo").is_dir() else root / "pretrain")
+            if not (policy / "manifest.json").exists():
+                raise ArtifactError(f"{policy}: no OneMall policy artifact (run `onemall pretrain fit/export` first)")
+            r = OneMallRetriever(data_dir, policy, root / "quantize", beam=beam, device=device)
+            sources[name] = r.manifest
+        retrievers[name] = r
+    loo = is_leave_one_out(info)
+    results, timings = {}, {}
+    for name, r in retrievers.items():
+        t0 = time.perf_counter()
+        results[name] = {"table2": replay(r, data_dir, split, hr_k=hr_k, batch_size=batch_size, limit=requests)}
+        if loo:
+            results[name]["literature"] = replay(r, data_dir, split, hr_k=loo_k, ndcg_k=loo_k, exclude_history=True,
+                                                 batch_size=batch_size, limit=requests)
+        timings[name] = time.perf_counter() - t0
+    md = compare_tables(results, hr_k, loo_k, info.name, split)
+    metrics = {"compare": {name: {**res, "replay_s": timings[name], "artifact": sources[name].path,
+                                  "artifact_id": sources[name].id} for name, res in results.items()}}
+    dest = Path(out) if out else root / "evaluate"
+    update_artifact(dest, info.name, {"compare.md": md, "compare.json": _json(metrics)}, metrics,
+                    {"compare": {"split": split, "hr_k": list(hr_k), "loo_k": list(loo_k), "beam": beam,
+                                 "requests": requests, "models": list(models)}},
+                    upstream=[m for m in sources.values() if m.stage in ("sasrec", "tiger", "pretrain", "rl")])
+    print(md)
+    print(f"wrote {dest}")
+    return json.loads(_json(metrics))
+
+
+def compare_tables(results: dict, hr_k: Sequence[int], loo_k: Sequence[int], dataset: str, split: str) -> str:
+    """Markdown: Table 2 (HR@K per scenario, rows model x scenario) and, when present, the literature table."""
+    from onemall_pl.data.schema import SCENARIOS
+
+    first = next(iter(results.values()))["table2"]
+    n = first["requests"]
+    lines = [f"# Table 2: SASRec vs TIGER vs OneMall on `{dataset}` ({split}, {n['overall']} requests)\n",
+             ("HR@K = share of each request's held-out positives in its top K, averaged over requests; "
+              "each request is answered from its scenario's item type.\n")]
+    rows = []
+    for scen in [*(s for s in SCENARIOS if s in first), "overall"]:
+        for name, res in results.items():
+            row = res["table2"].get(scen)
+            if row is not None:
+                rows.append([scen if name == next(iter(results)) else "", name,
+                             *(_pct(row[f"HR@{k}"], 1) for k in hr_k)])
+    lines.append(_md(["Scenario", "Model", *(f"HR@{k}" for k in hr_k)], rows))
+    if "literature" in next(iter(results.values())):
+        lines.append("\n## Literature protocol: leave-one-out, full ranking, history excluded\n")
+        rows = [[name, *(f"{res['literature']['overall'][f'HR@{k}']:.4f}" for k in loo_k),
+                 *(f"{res['literature']['overall'][f'NDCG@{k}']:.4f}" for k in loo_k)] for name, res in results.items()]
+        lines.append(_md(["Model", *(f"Recall@{k}" for k in loo_k), *(f"NDCG@{k}" for k in loo_k)], rows))
+    return "\n".join(lines) + "\n"
+
+
 def _json(obj) -> str:
     import json
 
@@ -386,4 +536,4 @@ def _json(obj) -> str:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import auto_cli
 
-    auto_cli({"rl": rl, "ab": ab}, args=argv, as_positional=False)
+    auto_cli({"rl": rl, "ab": ab, "compare": compare}, args=argv, as_positional=False)

@@ -146,14 +146,17 @@ def pack_left(ids_BK: torch.Tensor, keep_BK: torch.Tensor) -> torch.Tensor:
 
 
 def replay(retriever, dataset: str | Path, split: str = "test", *, hr_k: Sequence[int] = (50, 100, 500),
-           ndcg_k: Sequence[int] = (), exclude_history: bool = False, batch_size: int = 256,
-           limit: int | None = None) -> dict:
+           ndcg_k: Sequence[int] = (), exclude_history: bool = False, history_column: str = "seq_click",
+           batch_size: int = 256, limit: int | None = None) -> dict:
     """Replay the held-out requests of ``split`` through a retriever: HR@K and NDCG@K, overall
     and per scenario (:class:`RetrievalMetrics`).
 
-    ``retriever.retrieve(rows, k, exclude_history=...)`` takes Arrow rows of ``samples`` and
-    returns ``(B, k)`` raw item ids, best first (-1 pads): every model (OneMall, SASRec,
-    TIGER) is scored on the same requests by the same code. ``limit``: the first requests only.
+    ``retriever.retrieve(rows, k)`` takes Arrow rows of ``samples`` and returns ``(B, k)`` raw
+    item ids, best first (-1 pads): every model (OneMall, SASRec, TIGER) is scored on the same
+    requests by the same code. ``exclude_history``: the items of each request's
+    ``history_column`` (all of them) are dropped from its list before scoring (the retriever is
+    asked for as many more), the literature's full-ranking protocol. ``limit``: the first
+    requests only.
     """
     from onemall_pl.data.datasets import ParquetMapDataset, collate_sequences
 
@@ -165,8 +168,14 @@ def replay(retriever, dataset: str | Path, split: str = "test", *, hr_k: Sequenc
     metrics = RetrievalMetrics(SCENARIOS, hr_k=hr_k, ndcg_k=ndcg_k)
     for start in range(0, t.num_rows, batch_size):
         rows = t.slice(start, batch_size)
-        top_BK = retriever.retrieve(rows, k, exclude_history=exclude_history)
-        targets = collate_sequences(rows, {}, set_columns={"targets": None}, scalar_columns=["scenario"])
-        targets_BT = torch.where(targets["targets_mask"], targets["targets"], PAD)
-        metrics.update(top_BK, targets_BT, targets["scenario"])
+        b = collate_sequences(rows, {}, set_columns={"targets": None, history_column: None},
+                              scalar_columns=["scenario"], pad_value=PAD)
+        if exclude_history:
+            hist_BH = b[history_column]
+            top_BK = retriever.retrieve(rows, k + hist_BH.shape[1])
+            drop_BK = (top_BK[:, :, None] == hist_BH[:, None, :]).any(-1) | (top_BK == PAD)
+            top_BK = pack_left(top_BK, ~drop_BK)[:, :k]
+        else:
+            top_BK = retriever.retrieve(rows, k)
+        metrics.update(top_BK, b["targets"], b["scenario"])
     return metrics.compute()

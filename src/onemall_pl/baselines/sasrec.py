@@ -26,8 +26,8 @@ together are SASRec's usual one-sequence-per-user); ``all`` streams every traini
 Retrieval: the user vector after the latest item, top-K by inner product in a faiss index
 over the item vectors (``index``: ``flat`` exact, ``hnsw`` approximate), over the items of the
 request's scenario type as OneMall does (products for product-card requests, ...). ``exclude_history``
-drops the items of the input sequence from the ranking (the literature's full-ranking
-protocol on MovieLens / Amazon); Table 2 on the embedded world excludes nothing.
+drops the items of the user's history from the ranking (the literature's full-ranking
+protocol on MovieLens / Amazon; :func:`onemall_pl.metrics.replay` does it for every model); Table 2 on the embedded world excludes nothing.
 Evaluation: HR@K per scenario (paper) and NDCG@K (literature) on the held-out requests,
 through :class:`onemall_pl.metrics.RetrievalMetrics`.
 """
@@ -54,7 +54,7 @@ from onemall_pl.data.datasets import ParquetMapDataset, ParquetStream, collate_s
 from onemall_pl.data.schema import SCENARIOS
 from onemall_pl.io import read_dataset_info
 from onemall_pl.metrics import PAD as TARGET_PAD
-from onemall_pl.metrics import RetrievalMetrics, flat_metrics, pack_left, replay, topk_excluding
+from onemall_pl.metrics import RetrievalMetrics, flat_metrics, replay, topk_excluding
 from onemall_pl.models.sasrec import PAD, ItemIdTower, SASRecConfig, SASRecUserTower
 from onemall_pl.stage import StageCLI
 from onemall_pl.twotower import TwoTowerModule, export_index
@@ -326,7 +326,7 @@ class SASRecRetriever:
     @classmethod
     def from_artifact(cls, folder: str | Path, dataset: str | Path, by_scenario_type: bool = True) -> SASRecRetriever:
         m = load_manifest(folder, stage="sasrec")
-        ckpt = torch.load(m.file("sasrec.pt"), map_location="cpu", weights_only=False)
+        ckpt = torch.load(m.file("sasrec.pt"), map_location="cpu", weights_only=True)
         params = inspect.signature(SASRecModule.__init__).parameters
         module = SASRecModule(**{k: v for k, v in ckpt["hparams"].items() if k in params})
         module.load_state_dict(ckpt["state_dict"])
@@ -343,26 +343,20 @@ class SASRecRetriever:
                    module.hparams.index, by_scenario_type)
 
     @torch.no_grad()
-    def retrieve(self, rows: pa.Table, k: int, exclude_history: bool = False) -> torch.Tensor:
+    def retrieve(self, rows: pa.Table, k: int) -> torch.Tensor:
         """``(B, k)`` raw item ids, best first (-1 pads)."""
         from onemall_pl.pretrain import SCENARIO_ITEM_TYPE
 
         b = sequence_batch(rows, self.catalog, self.sequence, self.max_len, None)
         device = next(self.module.parameters()).device
         u_BD = np.ascontiguousarray(self.module.user_tower({"seq": b["seq"].to(device)}).float().cpu().numpy())
-        extra = b["seq"].shape[1] if exclude_history else 0
-        ids_BK = torch.full((len(u_BD), k + extra), TARGET_PAD, dtype=torch.long)
+        ids_BK = torch.full((len(u_BD), k), TARGET_PAD, dtype=torch.long)
         for s, scen in enumerate(SCENARIOS):
             rows_R = (b["scenario"] == s).nonzero(as_tuple=True)[0]
             if len(rows_R):
                 index = self.indexes[SCENARIO_ITEM_TYPE[scen] if self.by_scenario_type else None]
-                ids_BK[rows_R] = torch.from_numpy(index.search(u_BD[rows_R.numpy()], k + extra)[1])
-        if exclude_history:
-            hist_BL = torch.from_numpy(self.catalog.ids_of(np.maximum(b["seq"].numpy() - 1, 0)))
-            hist_BL = torch.where(b["seq"] > 0, hist_BL, TARGET_PAD)
-            drop_BK = (ids_BK[:, :, None] == hist_BL[:, None, :]).any(-1) | (ids_BK < 0)
-            ids_BK = pack_left(ids_BK, ~drop_BK)
-        return ids_BK[:, :k]
+                ids_BK[rows_R] = torch.from_numpy(index.search(u_BD[rows_R.numpy()], k)[1])
+        return ids_BK
 
 
 class SASRecCLI(StageCLI):

@@ -16,8 +16,9 @@ example, as TIGER trains on every prefix of a user's sequence.
 Retrieval: constrained beam search (``onemall_pl.retrieval.beam_search`` over the SID trie,
 with the :class:`~onemall_pl.models.tiger.T5StepModel` adapter: encoder once per request,
 decoder KV cache per beam) of width ``beam``; every beam is a valid SID, and a SID names one
-item (the suffix makes them unique). ``exclude_history`` drops the input's items from the
-list (decoding ``max_items`` extra beams to make room), as for SASRec.
+item (the suffix makes them unique); a request is decoded over its scenario's item type.
+``exclude_history`` drops the user's history from the list, for every model alike, in
+:func:`onemall_pl.metrics.replay` (it asks for as many more beams).
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ class TigerRetriever:
         m = load_manifest(folder, stage="tiger")
         rq = load_manifest(Path(folder).parent / "rqvae", stage="rqvae")
         check_upstream(m, rq)
-        ckpt = torch.load(m.file("tiger.pt"), map_location="cpu", weights_only=False)
+        ckpt = torch.load(m.file("tiger.pt"), map_location="cpu", weights_only=True)
         params = inspect.signature(TigerModule.__init__).parameters
         module = TigerModule(**{k: v for k, v in ckpt["hparams"].items() if k in params})
         module.load_state_dict(ckpt["state_dict"])
@@ -288,7 +289,8 @@ class TigerRetriever:
         return cls(module, catalog, data["sequence"], data["max_items"], by_scenario_type)
 
     @torch.no_grad()
-    def retrieve(self, rows: pa.Table, k: int, exclude_history: bool = False) -> torch.Tensor:
+    def retrieve(self, rows: pa.Table, k: int) -> torch.Tensor:
+        """``(B, k)`` raw item ids, best first (-1 pads)."""
         from onemall_pl.pretrain import SCENARIO_ITEM_TYPE
 
         b = tiger_batch(rows, self.catalog, self.sequence, self.max_items, None, explode=False)
@@ -297,8 +299,7 @@ class TigerRetriever:
             r = (b["scenario"] == s).nonzero(as_tuple=True)[0]
             if len(r):
                 trie = self.tries[SCENARIO_ITEM_TYPE[scen] if self.by_scenario_type else None]
-                out[r] = self.module.retrieve(b["hist_sids"][r], b["user"][r],
-                                              b["hist"][r] if exclude_history else None, k, trie=trie)
+                out[r] = self.module.retrieve(b["hist_sids"][r], b["user"][r], None, k, trie=trie)
         return out
 
 
