@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -34,11 +36,15 @@ DATASET_JSON = "dataset.json"
 def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary folder; on success it replaces ``dest`` in one rename.
 
-    On an exception the temporary folder is removed and ``dest`` is left as it was.
+    On an exception the temporary folder is removed and ``dest`` is left as it was. A process
+    killed (SIGKILL, power loss) cannot clean up: it leaves ``dest`` as it was (or absent, if
+    killed between the two renames) and a hidden ``.<name>.tmp-<host>-<pid>-*`` folder, which
+    nothing reads and the next write of ``dest`` on this host removes once its process is gone.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    _remove_stale(dest)
+    tmp = dest.parent / f".{dest.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
@@ -47,11 +53,30 @@ def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
         raise
     old = None
     if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+        old = dest.parent / f".{dest.name}.old-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(dest, old)
     os.replace(tmp, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _remove_stale(dest: Path) -> None:
+    """Remove the temporary / displaced folders of ``dest`` left by killed writers on this host."""
+    for p in dest.parent.glob(f".{glob.escape(dest.name)}.*-{_HOST}-*-*"):
+        kind, _, rest = p.name[len(dest.name) + 2:].partition("-")
+        pid = rest[len(_HOST) + 1:].split("-")[0]
+        if kind not in ("tmp", "old") or not rest.startswith(_HOST + "-") or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is alive
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except PermissionError:
+            continue  # alive, another user's
 
 
 @contextlib.contextmanager
