@@ -71,6 +71,13 @@ def test_cross_features_count_shared_keys():
     assert x[0, 0, 5 + 0] == torch.log1p(n_click_same_item.float())
     shop = m.items.shop_I
     assert x[0, 0, 5 + 4] == torch.log1p((shop[seqs["click"][0]] == shop[item[0, 0]]).sum().float())
+    # category 0 is "none at this level": two items without an L1 do not share one
+    cat = m.items.cat_IC[:, 0]
+    l1 = cat[item[0, 0]]
+    n_l1 = ((cat[seqs["click"][0]] == l1) & (l1 > 0)).sum().float()
+    assert x[0, 0, 5 + 1] == torch.log1p(n_l1)
+    m.items.cat_IC[:, 0] = 0
+    assert m.cross_features(seqs, masks, item)[0, 0, [1, 6, 11]].sum() == 0
 
 
 def test_esmm_loss_finite_and_gradients_reach_every_tower():

@@ -378,7 +378,6 @@ class RewardModule(pl.LightningModule):
                                    "lr": lr, "weight_decay": weight_decay, "gmv_weight": gmv_weight,
                                    "artifacts_root": artifacts_root})
         self.model = RankingModel(self.cfg)
-        self.register_buffer("base_rates", torch.ones(len(OBJECTIVES)))  # Eq. 8 normalisers, set in setup
         self.metrics = torch.nn.ModuleDict({split: head_metrics() for split in ("val", "test")})
 
     def setup(self, stage: str) -> None:
@@ -386,7 +385,6 @@ class RewardModule(pl.LightningModule):
         if dm is not None:
             dm.setup(stage)
             self.model.set_item_features(**dm.item_features())
-            self.base_rates.copy_(torch.tensor([dm.base_rates[k] for k in OBJECTIVES]))
             if stage == "fit":
                 self._init_biases(dm.base_rates)
 
@@ -547,19 +545,23 @@ class RewardScorer:
     ``user_batch`` holds raw item ids (``-1`` pads), as :func:`collate_sequences` gives them
     without an ``item_index`` or as :func:`onemall_pl.metrics.pad_lists` pads lists:
 
-    - ``seq_exposure``, ``seq_click``, ``seq_order``: ``[B, L]`` LongTensors (any L, any
-      alignment; optional ``<name>_mask`` bool tensors, else ``id >= 0`` is real), or lists of
-      id lists. History ids missing from the catalogue are ignored; each sequence keeps its
-      latest ``max_*`` items (the lengths the model was trained with; pads on the right, as
-      pad_lists gives, or on the left, as collate_sequences gives).
+    - ``seq_exposure``, ``seq_click``, ``seq_order``: ``[B, L]`` LongTensors (any alignment;
+      optional ``<name>_mask`` bool tensors, else ``id >= 0`` is real), or lists of id lists.
+      History ids missing from the catalogue are ignored. The model is order-free (attention
+      sums and counts), so pass each user's latest ``max_*`` items (the manifest's sizes
+      ``max_exposure`` / ``max_click`` / ``max_order``, the lengths it was trained with) in
+      any order. A longer row is cut to its last ``max_*`` real items, reading later
+      positions as newer (oldest first, as ``samples`` stores them).
     - ``scenario``: ``[B]`` LongTensor of indices into ``SCENARIOS`` or a list of names.
 
     ``item_ids``: ``[B, N]`` candidate item ids (``-1`` pads: those get 0 everywhere); an id
     missing from the catalogue is an error. Returns ``ctr, cvr, ctcvr, egpm, reward``, each ``[B, N]``.
+    Requests are scored in chunks of about ``max_pairs`` (request, candidate) pairs (memory:
+    ``max_pairs * max_exposure * attn_hidden`` floats).
     """
 
     def __init__(self, model: RankingModel, item_ids: np.ndarray, fusion: Fusion, base_rates: Mapping[str, float],
-                 max_len: Mapping[str, int], device: str | torch.device = "cpu", max_pairs: int = 65536):
+                 max_len: Mapping[str, int], device: str | torch.device = "cpu", max_pairs: int = 16384):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
         self.fusion = fusion
