@@ -896,7 +896,8 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "sweep":
         from jsonargparse import CLI
 
-        CLI(sweep, args=argv[1:], as_positional=False)
+        args = ["--config" if a == "-c" else a for a in argv[1:]]  # `sweep -c <stage config>`, as fit takes it
+        CLI(sweep, args=args, as_positional=False)
         return
     try:
         PretrainCLI(PretrainModule, SamplesDataModule, args=argv)
