@@ -560,8 +560,8 @@ class QuantizeModule(pl.LightningModule):
                 self.log(f"train/{t}/{k}", metric.compute())
             metric.reset()
         dm = self.trainer.datamodule
-        for t, (_, x) in dm.inputs.items():
-            codes = self.tokenizers[t].encode(x.to(self.device)).cpu().numpy()
+        for t, (_, x) in dm.inputs.items():  # monitor: conflicts among (up to) the first 100k points
+            codes = self.tokenizers[t].encode(x[:100_000].to(self.device)).cpu().numpy()
             st = stats_by_type(codes, np.full(len(codes), t), self.codebook_sizes)[t]
             self.log(f"train/{t}/conflict_rate", st["conflict_rate"])
 
