@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from onemall_pl.artifacts import write_artifact
+from onemall_pl.artifacts import ArtifactError, load_manifest, write_artifact
 from onemall_pl.data.schema import RELATIONS, DataError
 from onemall_pl.io import read_table
 from onemall_pl.metrics import recall_at_k, topk_excluding
@@ -256,11 +256,11 @@ def pair_recall(emb_ND: torch.Tensor, pairs_P3: np.ndarray, ks: tuple[int, ...] 
     out = {}
     for k in ks:
         h_Q = torch.cat(hits[k])
-        out[f"recall@{k}"] = float(h_Q.mean())
+        out[f"recall@{k}"] = round(float(h_Q.mean()), 6)
         for i, name in enumerate(RELATIONS):
             sel = rel_Q == i
             if sel.any():
-                out[f"{name}/recall@{k}"] = float(h_Q[sel].mean())
+                out[f"{name}/recall@{k}"] = round(float(h_Q[sel].mean()), 6)
     return out
 
 
@@ -413,7 +413,7 @@ class TokenizerModule(pl.LightningModule):
                               for c in self.hparams.ks] for k in RECALL_GROUPS])
 
     def _recall_dict(self, t: torch.Tensor) -> dict[str, float]:
-        return {(f"recall@{c}" if g == "all" else f"{g}/recall@{c}"): float(t[i, j])
+        return {(f"recall@{c}" if g == "all" else f"{g}/recall@{c}"): round(float(t[i, j]), 6)
                 for i, g in enumerate(RECALL_GROUPS) for j, c in enumerate(self.hparams.ks)
                 if not math.isnan(float(t[i, j]))}
 
@@ -481,26 +481,28 @@ class TokenizerModule(pl.LightningModule):
 
 def save_encoder(encoder: ItemEncoder, processor: ItemProcessor, folder: Path) -> None:
     """``text_model/`` and ``tokenizer/`` (Hugging Face format, ``<EMB>`` included), ``vision.pt``
-    (vision backbone + projector), ``encoder.json`` (the :class:`EncoderConfig`)."""
+    (vision backbone + projector, when images are used), ``encoder.json`` (the :class:`EncoderConfig`)."""
     encoder.backbone.save_pretrained(folder / "text_model")
     processor.tokenizer.save_pretrained(folder / "tokenizer")
-    rest = {k: v for k, v in encoder.state_dict().items() if not k.startswith("backbone.")}
-    torch.save(rest, folder / "vision.pt")
+    if encoder.vision is not None:
+        torch.save({k: v for k, v in encoder.state_dict().items() if not k.startswith("backbone.")},
+                   folder / "vision.pt")
     (folder / "encoder.json").write_text(json.dumps(dataclasses.asdict(encoder.cfg), indent=2) + "\n")
 
 
 def load_encoder(artifact_dir: str | Path) -> tuple[ItemEncoder, ItemProcessor]:
     """The fine-tuned encoder of a tokenizer artifact and its input processor (to embed new items)."""
-    from onemall_pl.artifacts import load_manifest
-
     m = load_manifest(artifact_dir, stage="tokenizer")
-    folder = Path(m.path)
     cfg = EncoderConfig(**json.loads(m.file("encoder.json").read_text()))
     cfg = dataclasses.replace(cfg, text_model=str(m.file("text_model")), tokenizer=str(m.file("tokenizer")),
-                              text_config=None, vision_checkpoint=None, vision_pretrained=False)
+                              text_kwargs={}, text_config=None, vision_checkpoint=None, vision_pretrained=False)
     enc = ItemEncoder(cfg)
     if enc.vision is not None:
-        enc.load_state_dict(torch.load(folder / "vision.pt", map_location="cpu", weights_only=True), strict=False)
+        missing, unexpected = enc.load_state_dict(
+            torch.load(m.file("vision.pt"), map_location="cpu", weights_only=True), strict=False)
+        if unexpected or any(not k.startswith("backbone.") for k in missing):
+            raise ArtifactError(f"{m.path}: vision.pt does not fit encoder.json (missing "
+                                f"{[k for k in missing if not k.startswith('backbone.')][:5]}, unexpected {unexpected[:5]})")
     return enc.eval(), ItemProcessor(cfg)
 
 
