@@ -6,7 +6,7 @@ reward model of RL post-training (§3.3, Eq. 8).
 
 Data (:class:`EventsDataModule`): every exposure of the ``events`` table is one example:
 the user's exposure / click / order histories *strictly before* the request
-(:func:`onemall_pl.data.build.request_histories`, the same function that builds ``samples``),
+(:func:`onemall_pl.data.build.iter_request_histories`, the same code that builds ``samples``),
 the target item, the scenario, and its labels (click, order, gmv). Split: requests take the
 split rule of the dataset, the one ``samples`` uses (:mod:`onemall_pl.data.build`): with the
 *time* rule a request at or after ``t0 + 0.9 (t1 - t0)`` is test, at or after
@@ -53,7 +53,7 @@ from torchmetrics.regression import PearsonCorrCoef
 from torchmetrics.utilities import dim_zero_cat
 
 from onemall_pl.artifacts import load_manifest, write_artifact
-from onemall_pl.data.build import assign_splits, is_leave_one_out, request_histories
+from onemall_pl.data.build import assign_splits, is_leave_one_out, iter_request_histories
 from onemall_pl.data.catalog import ItemCatalog
 from onemall_pl.data.datasets import ENUMS, ParquetMapDataset, collate_sequences
 from onemall_pl.data.schema import SCENARIOS, SPLITS, DataError
@@ -258,14 +258,20 @@ class EventsDataModule(pl.LightningDataModule):
                             "MovieLens or Amazon reviews has no negatives to rank against)",
                             table="events", column="click", file=str(Path(d) / "events"))
         item = self.catalog.index_of(events.column("item_id").to_numpy(), table="events", column="item_id")
-        hist = request_histories(events, self.hparams.max_exposure, self.hparams.max_click, self.hparams.max_order)
-        # histories: item ids -> dense catalogue indices, once
-        cols = {}
-        for c in SEQ_COLUMNS:
-            arr = hist.column(c).combine_chunks()
-            values = self.catalog.index_of(arr.values.to_numpy(), table="events", column="item_id")
-            cols[c] = pa.ListArray.from_arrays(arr.offsets, pa.array(values, pa.int64()))
-        self.histories = pa.table(cols)
+        # Histories one bucket of users at a time (bounded memory on large logs), their item ids
+        # mapped once to dense catalogue indices (int32: half the memory of the ids).
+        parts = []
+        for h in iter_request_histories(events, self.hparams.max_exposure, self.hparams.max_click,
+                                        self.hparams.max_order):
+            cols = {c: h.column(c) for c in ("request_id", "user_id", "ts")}
+            for c in SEQ_COLUMNS:
+                arr = h.column(c).combine_chunks()
+                values = self.catalog.index_of(arr.values.to_numpy(), table="events", column="item_id")
+                cols[c] = pa.ListArray.from_arrays(arr.offsets, pa.array(values.astype(np.int32)))
+            parts.append(pa.table(cols))
+        hist = pa.concat_tables(parts).combine_chunks()
+        hist = hist.take(np.argsort(hist.column("request_id").to_numpy(), kind="stable"))
+        self.histories = hist.select(list(SEQ_COLUMNS))
         rid = events.column("request_id").to_numpy()
         req = np.searchsorted(hist.column("request_id").to_numpy(), rid)  # histories are sorted by request_id
         split = self._request_splits(hist, events)[req]
