@@ -61,14 +61,14 @@ def _rl(pipeline, algo, out, steps=0, **rl_kw):
     args = ["--data.data_dir", str(d), "--data.sid_artifact", str(art / "quantize"), "--data.batch_size", "32",
             "--data.eval_batch_size", "64", "--model.rl.algo", algo, "--model.beam", "50", "--model.hr_k", "[5, 50]",
             "--model.beam_requests", "16", "--model.rl.eval_requests", "8", "--trainer.accelerator", "cpu",
-            "--trainer.max_steps", str(max(steps, 1)), "--trainer.logger", "false", "--trainer.enable_progress_bar",
+            "--trainer.max_steps", str(max(steps, 1)), "--trainer.enable_progress_bar",
             "false", "--trainer.enable_checkpointing", "false", "--trainer.limit_val_batches", "0",
             "--trainer.default_root_dir", str(out.parent / f"run_{out.name}"), "--seed_everything", "0"]
     for k, v in rl_kw.items():
         args += [f"--model.{k}" if k in ("lr", "warmup_steps") else f"--model.rl.{k}", str(v)]
     cli = RLCLI(RLModule, RLDataModule, args=args, run=False)
-    assert cli.model.hparams.pretrain_artifact == str(art / "pretrain")
-    assert cli.model.hparams.reward_artifact == str(art / "reward")
+    assert cli.model.hparams.pretrain_source == str(art / "pretrain")
+    assert cli.model.hparams.reward_source == str(art / "reward")
     if steps:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli.model.export_artifact(cli.trainer, cli.datamodule, out)
@@ -98,7 +98,7 @@ def test_update_artifact_keeps_other_subcommands(tmp_path):
 
 def test_evaluate_rl_and_ab(pipeline, tmp_path):
     d, art = pipeline
-    _rl(pipeline, "dpo", art / "rl_dpo")  # untrained: DPO = GRPO = Base, so every lift is 0
+    _rl(pipeline, "dpo", art / "rl_dpo", steps=1, lr=0.0)  # lr 0 (a fit with its logger): DPO = GRPO = Base
     _rl(pipeline, "grpo", art / "rl_grpo")
     man = load_manifest(art / "rl_grpo", stage="rl")
     assert set(man.upstream) == {"quantize", "pretrain", "reward"} and man.sizes["algo"] == "grpo"

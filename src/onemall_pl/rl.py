@@ -360,9 +360,9 @@ class RLModule(PretrainModule):
     """The pretrained OneMall model post-trained with the ranking model as reward (module docstring).
 
     Args:
-        pretrain_artifact: the policy's starting point (linked from ``data.pretrain_source``); its model
-            config is the policy's, never typed again.
-        reward_artifact: the ranking model (linked from ``data.reward_source``).
+        pretrain_source: the pretrain artifact, the policy's starting point (linked from ``data.pretrain_source``);
+            its model config is the policy's, never typed again.
+        reward_source: the reward artifact, the ranking model (linked from ``data.reward_source``).
         rl: the RL settings (:class:`RLConfig`).
         sizes, sid_source: linked from the data module, as in pretraining (checked against the artifact).
         lr, weight_decay, warmup_steps, min_lr_ratio: AdamW and its warm-up / cosine schedule.
@@ -371,18 +371,18 @@ class RLModule(PretrainModule):
         net: only without a pretrain artifact (tests): the model's config, randomly initialised.
     """
 
-    def __init__(self, pretrain_artifact: str | None = None, reward_artifact: str | None = None,
+    def __init__(self, pretrain_source: str | None = None, reward_source: str | None = None,
                  rl: RLConfig | None = None, sizes: dict[str, Any] | None = None, sid_source: str | None = None,
                  lr: float = 1e-4, weight_decay: float = 0.01, warmup_steps: int = 10, min_lr_ratio: float = 1.0,
                  beam: int = 500, beam_requests: int | None = 256, hr_k: Sequence[int] = (50, 100, 500),
                  artifacts_root: str = "artifacts", net: OneMallConfig | None = None):
         rl = rl or RLConfig()
         state = None
-        if pretrain_artifact is not None:
-            policy, _ = load_pretrained(pretrain_artifact, quantize=sid_source)
+        if pretrain_source is not None:
+            policy, _ = load_pretrained(pretrain_source, quantize=sid_source)
             net, state = policy.cfg, policy.state_dict()
         elif net is None:
-            raise ValueError("RLModule needs a pretrain_artifact (the policy to post-train)")
+            raise ValueError("RLModule needs a pretrain_source (the pretrain artifact: the policy to post-train)")
         if rl.contrastive_weight is not None:
             net = dataclasses.replace(net, contrastive_weight=rl.contrastive_weight)
         super().__init__(net=net, sizes=sizes, sid_source=sid_source, lr=lr, weight_decay=weight_decay,
@@ -392,11 +392,11 @@ class RLModule(PretrainModule):
             try:
                 self.model.load_state_dict(state)
             except RuntimeError as e:
-                raise ArtifactError(f"{pretrain_artifact}: the pretrained model does not fit the sizes linked from "
+                raise ArtifactError(f"{pretrain_source}: the pretrained model does not fit the sizes linked from "
                                     f"the data ({sizes}): {str(e).splitlines()[0]}") from None
         self.rl = rl
-        self.save_hyperparameters({**self.hparams, "pretrain_artifact": pretrain_artifact,
-                                   "reward_artifact": reward_artifact, "rl": dataclasses.asdict(rl)})
+        self.save_hyperparameters({**self.hparams, "pretrain_source": pretrain_source,
+                                   "reward_source": reward_source, "rl": dataclasses.asdict(rl)})
         self.reference = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.synced_at = 0
         self.register_buffer("trained_steps", torch.zeros((), dtype=torch.long))  # optimiser steps, for the manifest
@@ -435,9 +435,9 @@ class RLModule(PretrainModule):
         if self.scorer is None or getattr(self.scorer, "device", self.device) != self.device:
             from onemall_pl.reward import RewardScorer
 
-            if self.hparams.reward_artifact is None:
-                raise ValueError("RLModule has no reward_artifact (link data.reward_source or set model.reward_artifact)")
-            self.scorer = RewardScorer.from_artifact(self.hparams.reward_artifact, device=self.device)
+            if self.hparams.reward_source is None:
+                raise ValueError("RLModule has no reward_source (the reward artifact, linked from data.reward_source)")
+            self.scorer = RewardScorer.from_artifact(self.hparams.reward_source, device=self.device)
         return self.scorer
 
     # --- the RL term
@@ -562,8 +562,8 @@ class RLCLI(StageCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.sizes", "model.sizes", apply_on="instantiate")
         parser.link_arguments("data.sid_source", "model.sid_source", apply_on="instantiate")
-        parser.link_arguments("data.pretrain_source", "model.pretrain_artifact", apply_on="instantiate")
-        parser.link_arguments("data.reward_source", "model.reward_artifact", apply_on="instantiate")
+        parser.link_arguments("data.pretrain_source", "model.pretrain_source", apply_on="instantiate")
+        parser.link_arguments("data.reward_source", "model.reward_source", apply_on="instantiate")
 
 
 def main(argv: list[str] | None = None) -> None:
