@@ -66,7 +66,7 @@ def _steps(ckpt_dir: Path) -> list[int]:
 @pytest.mark.slow
 def test_fit_killed_mid_epoch_resumes_to_the_same_end(micro, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    r = subprocess.run(_fit_cmd(micro, tmp_path, a), env=ENV, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(_fit_cmd(micro, tmp_path, a), env=ENV, check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
     # the same command with --ckpt_path last (no checkpoint yet: Lightning starts from scratch), killed
@@ -84,7 +84,7 @@ def test_fit_killed_mid_epoch_resumes_to_the_same_end(micro, tmp_path):
     done = killed["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
     assert 0 < killed["global_step"] < STEPS and 0 < done < 11, "not a mid-epoch checkpoint"
 
-    r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)  # rerun: resumes
+    r = subprocess.run(cmd, env=ENV, check=False, capture_output=True, text=True, timeout=600)  # rerun: resumes
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Restoring states from the checkpoint" in r.stderr, r.stderr[-3000:]
     want, got = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for d in (a, b))
@@ -121,9 +121,8 @@ os.replace = replace
 
 @pytest.mark.slow
 def test_export_killed_leaves_old_artifact_or_none(tmp_path):
-    from test_reward import planted_dataset
-
     from onemall_pl.reward import main
+    from test_reward import planted_dataset
 
     data = planted_dataset(tmp_path)
     art = tmp_path / "art"
@@ -138,7 +137,7 @@ def test_export_killed_leaves_old_artifact_or_none(tmp_path):
 
     def killed_export(hook: str) -> None:
         code = hook + f"\nfrom onemall_pl.cli import main\nmain(['reward', 'export', *{args!r}])\n"
-        r = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=600)
+        r = subprocess.run([sys.executable, "-c", code], env=ENV, check=False, capture_output=True, text=True, timeout=600)
         assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
 
     killed_export(KILL_IN_BUILD)
