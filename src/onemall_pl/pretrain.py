@@ -827,7 +827,7 @@ def sweep(config: str = "configs/pretrain/tiny.yaml", rows: list[str] | None = N
 
 
 def bench(preset: str = "tiny", batch_size: int = 256, seconds: float = 5.0, targets: int = 2,
-          device: str | None = None, seed: int = 0) -> dict:
+          device: str | None = None, bf16: bool = False, seed: int = 0) -> dict:
     """Training throughput of the OneMall model and its FLOPs per sample, with and without Query-Former.
 
     Times full optimiser steps (forward, Eq. 7 loss, backward, AdamW, MoE bias update) on random batches of
@@ -835,7 +835,7 @@ def bench(preset: str = "tiny", batch_size: int = 256, seconds: float = 5.0, tar
     after two warm-up steps; the data pipeline is not included (``onemall bench data`` times it).
     GFLOPs per sample are counted by ``torch.utils.flop_counter.FlopCounterMode``: ``forward`` by
     :func:`~onemall_pl.models.decoder.flops_per_sample` (one target), ``train_step`` = forward + backward
-    of this benchmark's batch, per request.
+    of this benchmark's batch, per request. ``bf16``: autocast to bfloat16 (GPU presets).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -843,7 +843,8 @@ def bench(preset: str = "tiny", batch_size: int = 256, seconds: float = 5.0, tar
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "targets_per_request": targets,
-                           "device": str(dev), "threads": torch.get_num_threads()}
+                           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                           "threads": torch.get_num_threads(), "bf16": bf16}
     for compress in (True, False):
         cfg = make_preset(preset, compress=compress)
         torch.manual_seed(seed)
@@ -853,7 +854,8 @@ def bench(preset: str = "tiny", batch_size: int = 256, seconds: float = 5.0, tar
                               generator=torch.Generator().manual_seed(seed))
 
         def step():
-            loss = model.loss(model(batch))["loss"]
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = model.loss(model(batch))["loss"]
             loss.backward()
             opt.step()
             balance_experts(model)
