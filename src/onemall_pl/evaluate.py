@@ -13,8 +13,8 @@ and the folder is republished whole (atomic rename).
 answer the same held-out requests (the first ``requests`` of the split in a seeded order) with the
 trie-constrained beam search of width ``beam`` over the scenario's item type; SIDs expand to their items
 (collided SIDs to all of them, most clicked first) as for HR@K. For the Top-N items of each list
-(N in ``top``) the ranking model (the reward artifact) predicts CTR, CTCVR, EGPM ("GPM" in the paper)
-and the fused reward (Eq. 8); a request's figure is the mean over its N items, the table the mean over
+(N in ``top``) the ranking model (the reward artifact) predicts CTR, CTCVR, EGPM ("GPM" in the paper; here
+the expected GMV per 1000 exposures, a money figure, where the paper prints a rate) and the fused reward (Eq. 8); a request's figure is the mean over its N items, the table the mean over
 requests. Beside them, what RL may cost in relevance: HR@K (held-out positives in the top K), Acc-SID
 (teacher-forced top-1 per level) and the valid-SID rate (the share of the model's *unconstrained*
 top-N beams, no trie, that are the SID of an item of the scenario's type). RL raising the reward
@@ -234,9 +234,9 @@ def table4_tables(res: dict, top: Sequence[int], hr_k: Sequence[int]) -> tuple[d
               for n in top} for p in pols}
     rel = {p: {**{f"HR@{k}": float(res[p][f"HR@{k}"].mean()) for k in hr_k}, **res[p]["acc_sid"]} for p in pols}
     rows = [[f"Top{n}", p, _pct(t4[p][f"Top{n}"]["ctr"]), _pct(t4[p][f"Top{n}"]["ctcvr"]),
-             _pct(t4[p][f"Top{n}"]["egpm"]), f"{t4[p][f'Top{n}']['reward']:.4f}",
+             f"{t4[p][f'Top{n}']['egpm']:.2f}", f"{t4[p][f'Top{n}']['reward']:.4f}",
              _pct(t4[p][f"Top{n}"]["valid_sid"], 1)] for n in top for p in pols]
-    md = _md(["Beam Top", "Strategy", "CTR", "CTCVR", "GPM", "Reward", "valid SID"], rows)
+    md = _md(["Beam Top", "Strategy", "CTR", "CTCVR", "GPM (GMV / 1000 exp.)", "Reward", "valid SID"], rows)
     rk = list(next(iter(rel.values())))
     md += "\n" + _md(["Strategy", *rk], [[p, *[_pct(rel[p][k], 1) for k in rk]] for p in pols])
     return {"table4": t4, "relevance": rel}, md
@@ -323,7 +323,7 @@ def rl(data_dir: Path = Path("data/synth"), policies: dict[str, str] | None = No
     metrics, md = table4_tables(res, top, hr_k)
     n = res["_"]["n"]
     doc = (f"# Table 4: RL post-training, Base vs DPO vs GRPO\n\n{n} {split} requests of `{data_dir}`, beam {beam}; "
-           "CTR / CTCVR / GPM (EGPM head) / Reward (Eq. 8) by the ranking model, mean over each request's Top-N "
+           "CTR / CTCVR / GPM (EGPM head: expected GMV per 1000 exposures) / Reward (Eq. 8) by the ranking model, mean over each request's Top-N "
            "items then over requests; valid SID = share of the unconstrained top-N beams naming an item.\n\n" + md)
     files = {"rl_table4.md": doc}
     if res["_"]["world"] is not None:
