@@ -107,14 +107,50 @@ $(ART)/rl_dpo/manifest.json: configs/rl/$(CONFIG_PRESET)_dpo.yaml $(ART)/pretrai
 $(ART)/rl_grpo/manifest.json: configs/rl/$(CONFIG_PRESET)_grpo.yaml $(ART)/pretrain/manifest.json $(ART)/reward/manifest.json | install
 	$(call fit_export,rl_grpo,configs/rl/$(CONFIG_PRESET)_grpo.yaml,$(DATA_ARGS))
 
+# baselines of Table 2 (their data modules take the dataset folder as `dataset`)
+BASE_ARGS = --data.dataset $(DATA_DIR)
+
+$(ART)/rqvae/manifest.json: $(call cfg,rqvae) $(ART)/tokenizer/manifest.json | install
+	$(call fit_export,rqvae,$(call cfg,rqvae),$(BASE_ARGS) --data.artifacts $(ART_ROOT))
+
+$(ART)/tiger/manifest.json: $(call cfg,tiger) $(ART)/rqvae/manifest.json | install
+	$(call fit_export,tiger,$(call cfg,tiger),$(BASE_ARGS) --data.artifacts $(ART_ROOT))
+
+$(ART)/sasrec/manifest.json: $(call cfg,sasrec) $(DATA_DIR)/samples | install
+	$(call fit_export,sasrec,$(call cfg,sasrec),$(BASE_ARGS))
+
+# evaluate: Table 2 (OneMall vs TIGER vs SASRec) and, with RL policies, Table 4 + the offline A/B
+EVAL_POLICIES := $(ART)/rl_dpo/manifest.json $(ART)/rl_grpo/manifest.json
+$(ART)/evaluate/manifest.json: $(ART)/pretrain/manifest.json $(ART)/rqvae/manifest.json $(ART)/tiger/manifest.json \
+                               $(ART)/sasrec/manifest.json $(EVAL_POLICIES) | install
+	$(ONEMALL) evaluate compare --data_dir $(DATA_DIR) --artifacts $(ART_ROOT)
+	$(ONEMALL) evaluate rl --data_dir $(DATA_DIR)
+
+# the paper's tables that need extra runs: Table 1 + 6 (pretrain sweep), Table 5 (quantize ablate)
+$(ART)/pretrain_sweep/manifest.json: $(call cfg,pretrain) $(ART)/quantize/manifest.json | install
+	$(ONEMALL) pretrain sweep -c $(call cfg,pretrain) --data.data_dir $(DATA_DIR) --model.artifacts_root $(ART_ROOT)
+
+$(ART)/reports/table5.json: $(ART)/quantize/manifest.json | install
+	$(ONEMALL) quantize ablate --artifact $(ART)/quantize
+
 tokenizer: $(ART)/quantize/manifest.json   # stage 1 and stage 2 (semantic IDs)
 quantize: $(ART)/quantize/manifest.json
 pretrain: $(ART)/pretrain/manifest.json
 reward: $(ART)/reward/manifest.json
-rl: $(ART)/rl_dpo/manifest.json $(ART)/rl_grpo/manifest.json
+rl: $(EVAL_POLICIES)
+baselines: $(ART)/rqvae/manifest.json $(ART)/tiger/manifest.json $(ART)/sasrec/manifest.json
+evaluate: $(ART)/evaluate/manifest.json
 
-run: install data tokenizer pretrain
-	@echo "pipeline done: artifacts in $(ART)/"
+report: | install
+	$(ONEMALL) report --dataset $(DATASET) --artifacts $(ART_ROOT) --runs $(RUNS_ROOT)
+
+run: install data tokenizer pretrain reward rl baselines evaluate
+	@$(MAKE) --no-print-directory report
+	@echo "pipeline done: the report is $(ART)/report/report.md (and report.html beside it)"
+
+paper: run $(ART)/pretrain_sweep/manifest.json $(ART)/reports/table5.json
+	@$(MAKE) --no-print-directory report
+	@echo "every table: $(ART)/report/report.md"
 
 # ---------------------------------------------------------------------------- benchmarks
 bench: install
