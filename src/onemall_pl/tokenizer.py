@@ -566,7 +566,9 @@ def bench(config: str | None = None, data_dir: str | None = "data/synth", num_it
                 torch.cuda.synchronize()
             t_pre, t_fwd = t_pre + t1 - t0, t_fwd + time.perf_counter() - t1
     return {"items": len(items), "batch_size": batch_size, "device": str(dev), "threads": torch.get_num_threads(),
-            "text_model": Path(cfg.text_model or "all-MiniLM-L6-v2").name, "vision_model": cfg.vision_model or "none",
+            "text_model": Path(cfg.text_model or "all-MiniLM-L6-v2").name,
+            "text_layers": enc.backbone.config.num_hidden_layers, "vision_model": cfg.vision_model or "none",
+            "params_m": round(sum(p.numel() for p in enc.parameters()) / 1e6, 2),
             "max_length": cfg.max_length, "items_per_s": len(items) / (t_pre + t_fwd),
             "forward_items_per_s": len(items) / t_fwd, "preprocess_items_per_s": len(items) / t_pre}
 
