@@ -217,18 +217,37 @@ def read_table(folder: str | os.PathLike, table: str, columns: list[str] | None 
     """Read all shards of one table, checked against the contract (errors name the shard)."""
     parts, offset = [], 0
     for f in table_files(folder, table):
+        pf = open_parquet(f, table)
+        if columns is not None and (missing := [c for c in columns if c not in pf.schema_arrow.names]):
+            raise DataError(f"missing column(s) {missing}; the shard has {pf.schema_arrow.names}", table=table,
+                            file=str(f))
         try:
-            t = open_parquet(f, table).read(columns=columns)
+            t = pf.read(columns=columns)
         except (pa.ArrowInvalid, OSError) as e:
             raise DataError(f"cannot read ({e})", table=table, file=str(f)) from None
         if validate and columns is None:
             t = conform(t, table, file=str(f), row_offset=offset, allow_empty=True)
+        if parts:
+            check_same_schema(t.schema, parts[0].schema, table=table, file=str(f))
         offset += t.num_rows
         parts.append(t)
     out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
     if validate and columns is None and out.num_rows == 0:
         raise DataError("table is empty", table=table, file=str(Path(folder) / table))
     return out
+
+
+def check_same_schema(schema: pa.Schema, first: pa.Schema, *, table: str, file: str) -> None:
+    """Shards of one table must share one schema (names, types, nullability): schema drift
+    between shards is a :class:`DataError` naming the shard and the fields that differ."""
+    if schema.remove_metadata().equals(first.remove_metadata()):
+        return
+    a, b = {f.name: f for f in first}, {f.name: f for f in schema}
+    diff = [f"{n}: {a[n].type if n in a else 'absent'}{'' if n not in a or a[n].nullable else ' not null'} in "
+            f"the first shard, {b[n].type if n in b else 'absent'}{'' if n not in b or b[n].nullable else ' not null'}"
+            " here" for n in dict.fromkeys([*a, *b]) if n not in a or n not in b or not a[n].equals(b[n])]
+    raise DataError(f"schema differs from the table's first shard ({'; '.join(diff) or 'column order'})",
+                    table=table, file=file)
 
 
 def read_file_table(path: str | os.PathLike, table: str) -> pa.Table:

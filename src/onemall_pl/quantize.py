@@ -644,7 +644,7 @@ def load_tokenizers(artifact: str | Path) -> tuple[Manifest, dict[str, SIDTokeni
 
 
 def read_sid_table(artifact: str | Path) -> pa.Table:
-    m = load_manifest(artifact, stage="quantize", verify=False)
+    m = load_manifest(artifact, stage="quantize")
     return pq.read_table(m.file("sid_table"))
 
 

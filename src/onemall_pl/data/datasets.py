@@ -79,7 +79,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from onemall_pl.data.schema import TABLES, DataError
-from onemall_pl.io import open_parquet, read_table, table_files, write_table
+from onemall_pl.io import check_same_schema, open_parquet, read_table, table_files, write_table
 
 Ranges = list[tuple[int, int]]  # half-open ranges of batch indices
 
@@ -413,6 +413,9 @@ class ParquetStream(IterableDataset):
             fi, rg, rows = [], [], []
             for i, f in enumerate(self.files):
                 pf = open_parquet(f, self.table)
+                if i == 0:
+                    first = pf.schema_arrow
+                check_same_schema(pf.schema_arrow, first, table=self.table, file=str(f))
                 md = pf.metadata
                 leaf = {md.row_group(0).column(j).path_in_schema: j
                         for j in range(md.num_columns)} if md.num_row_groups else {}
