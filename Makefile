@@ -124,7 +124,7 @@ EVAL_POLICIES := $(ART)/rl_dpo/manifest.json $(ART)/rl_grpo/manifest.json
 $(ART)/evaluate/manifest.json: $(ART)/pretrain/manifest.json $(ART)/rqvae/manifest.json $(ART)/tiger/manifest.json \
                                $(ART)/sasrec/manifest.json $(EVAL_POLICIES) | install
 	$(ONEMALL) evaluate compare --data_dir $(DATA_DIR) --artifacts $(ART_ROOT)
-	$(ONEMALL) evaluate rl --data_dir $(DATA_DIR)
+	$(ONEMALL) evaluate rl --data_dir $(DATA_DIR) --sid_artifact $(ART)/quantize
 
 # the paper's tables that need extra runs: Table 1 + 6 (pretrain sweep), Table 5 (quantize ablate)
 $(ART)/pretrain_sweep/manifest.json: $(call cfg,pretrain) $(ART)/quantize/manifest.json | install
