@@ -480,9 +480,9 @@ class PretrainModule(pl.LightningModule):
                                                   beam=self.hparams.beam_requests != 0).to(self.device)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        have = [tuple(state_dict[f"model.sid_tok.{i}.weight"].shape)[0] for i in range(len(self.model.sid_tok))
-                if f"model.sid_tok.{i}.weight" in state_dict]
-        if len(have) != self.cfg.levels or tuple(have) != self.cfg.codebook_sizes:
+        levels = sorted(int(k.split(".")[2]) for k in state_dict if k.startswith("model.sid_tok.") and k.endswith(".weight"))
+        have = [int(state_dict[f"model.sid_tok.{i}.weight"].shape[0]) for i in levels]
+        if have and tuple(have) != self.cfg.codebook_sizes:
             raise ArtifactError(f"the checkpoint's semantic-ID vocabulary is codebook_sizes {have}, but the quantize "
                                 f"manifest ({self.sid_source or 'linked into the model'}) has "
                                 f"{list(self.cfg.codebook_sizes)}: the checkpoint was trained on other SIDs; "
@@ -726,13 +726,15 @@ def _row_args(name: str, net: dict, compress: bool = True) -> list[str]:
 
 
 def _table(rows: list[dict], cols: list[str]) -> str:
-    def fmt(v):
+    def fmt(c, v):
+        if isinstance(v, float) and c.startswith(("Acc-", "HR@", "Recall@", "NDCG@")):
+            return f"{100 * v:.1f}%"
         if isinstance(v, float):
-            return f"{100 * v:.1f}%" if v <= 1.0 else f"{v:,.3g}"
-        return f"{v:,}" if isinstance(v, int) else str(v)
+            return f"{v:.4g}"
+        return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(fmt(c, r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -767,7 +769,9 @@ def sweep(config: str = "configs/pretrain/tiny.yaml", rows: list[str] | None = N
     dm0 = base.datamodule
     net = dataclasses.asdict(base.model.cfg)
     runs = Path(runs_dir or f"runs/{dm0.dataset_name}/pretrain_sweep")
-    jobs = [(n, True) for n in names] + ([(TABLE6_ROW, False)] if table6 else [])
+    jobs = [(n, True) for n in names]
+    if table6:
+        jobs += ([] if TABLE6_ROW in names else [(TABLE6_ROW, True)]) + [(TABLE6_ROW, False)]
     results: dict[str, dict] = {}
     for name, compress in jobs:
         key = name if compress else f"{name} w/o QFormer"
@@ -839,7 +843,8 @@ def bench(preset: str = "tiny", batch_size: int = 256, seconds: float = 5.0, tar
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from onemall_pl.models.decoder import example_batch, preset as make_preset
+    from onemall_pl.models.decoder import example_batch
+    from onemall_pl.models.decoder import preset as make_preset
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "targets_per_request": targets,
@@ -853,7 +858,7 @@ def bench(preset: str = "tiny", batch_size: int = 256, seconds: float = 5.0, tar
         batch = example_batch(cfg, batch_size, n_targets=targets, device=dev,
                               generator=torch.Generator().manual_seed(seed))
 
-        def step():
+        def step(model=model, opt=opt, batch=batch):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = model.loss(model(batch))["loss"]
             loss.backward()
