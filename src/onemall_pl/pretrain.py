@@ -898,13 +898,27 @@ class PretrainCLI(StageCLI):
         parser.link_arguments("data.sid_source", "model.sid_source", apply_on="instantiate")
 
 
+def _sweep_args(argv: list[str]) -> list[str]:
+    """``sweep -c <stage config> --data.data_dir d --model.x y``: ``-c`` is ``--config`` and stage
+    arguments (``--data.*``, ``--model.*``, ``--trainer.*``) go to every row through ``--extra``."""
+    own, extra = [], []
+    it = iter(argv)
+    for a in it:
+        if a.startswith(("--data.", "--model.", "--trainer.", "--seed_everything")):
+            extra += [a] if "=" in a else [a, next(it)]
+        elif a == "--extra":
+            extra += json.loads(next(it))
+        else:
+            own.append("--config" if a == "-c" else a)
+    return own + (["--extra", json.dumps(extra)] if extra else [])
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "sweep":
         from jsonargparse import CLI
 
-        args = ["--config" if a == "-c" else a for a in argv[1:]]  # `sweep -c <stage config>`, as fit takes it
-        CLI(sweep, args=args, as_positional=False)
+        CLI(sweep, args=_sweep_args(argv[1:]), as_positional=False)
         return
     try:
         PretrainCLI(PretrainModule, SamplesDataModule, args=argv)
