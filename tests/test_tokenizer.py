@@ -270,3 +270,13 @@ def test_ddp_two_cpu_ranks_gather_negatives(world, tmp_path):
     main(["fit", "-c", str(cfg), "--trainer.max_steps", "1", "--trainer.default_root_dir", str(tmp_path / "one")])
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     torch.testing.assert_close(one["state_dict"]["recall_before"], state["state_dict"]["recall_before"])
+
+
+def test_predict_embeds_every_item_once(world):
+    dm = _dm(world)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    out = trainer.predict(TokenizerModule(EncoderConfig(**ENCODER)), datamodule=dm)
+    ids = torch.cat([o["item_id"] for o in out]).tolist()
+    emb = torch.cat([o["embedding"] for o in out])
+    assert sorted(ids) == sorted(dm.items["item_id"]) and len(set(ids)) == len(ids)
+    assert emb.shape == (len(ids), 32) and torch.isfinite(emb).all()
