@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from onemall_pl.artifacts import load_manifest
+from onemall_pl.baselines.sasrec import last_per_user
 from onemall_pl.baselines.tiger import TigerData, TigerModule, TigerRetriever, main, tiger_batch
+from onemall_pl.data.datasets import ParquetMapDataset
 from onemall_pl.metrics import replay
 from onemall_pl.models.tiger import TigerConfig, TigerT5
 from onemall_pl.retrieval import SIDTrie, beam_search, exhaustive_search
@@ -58,7 +60,7 @@ def test_overfits_a_tiny_set(world):
     data_dir, art = world
     torch.manual_seed(0)
     data = TigerData(data_dir, artifacts=art, max_items=10, max_targets=1)
-    rows = data._eval_loader("train", None).dataset.table
+    rows = last_per_user(ParquetMapDataset(data_dir, "samples", filter={"split": "train"}).table)
     rows = rows.filter(pc.greater(pc.list_value_length(rows.column("seq_click")), 0)).slice(0, 16)  # distinct inputs
 
     batch = tiger_batch(rows, data.catalog, "seq_click", 10, 1, explode=True)

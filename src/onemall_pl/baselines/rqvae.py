@@ -211,7 +211,7 @@ class RQVAEModule(pl.LightningModule):
 
     @torch.no_grad()
     def reconstruction_error(self, x_ND: torch.Tensor) -> float:
-        """Mean squared reconstruction error over ``x_ND`` (eval mode, restored after)."""
+        """Mean over items of ||x - x_hat||^2 (eval mode, restored after)."""
         was = self.model.training
         self.model.eval()
         err = float(self.model(x_ND.to(self.device))["recon"])
@@ -237,7 +237,8 @@ class RQVAEModule(pl.LightningModule):
         sids = add_collision_suffix(codes, d["item_ids"])
         codebook_sizes = [*sizes3, int(sids[:, -1].max()) + 1]
         out = Path(out) if out else Path(self.hparams.artifacts) / datamodule.name / "rqvae"
-        metrics = {"recon_mse": self.reconstruction_error(d["x"]), "recon_mse_at_kmeans_init": float(self.recon_at_init),
+        metrics = {"recon_error": self.reconstruction_error(d["x"]), "recon_error_at_kmeans_init": float(self.recon_at_init),
+                   "recon_error_of_the_mean": float((d["x"] - d["x"].mean(0)).pow(2).sum(-1).mean()),
                    "conflict_rate_3_codes": stats["conflict_rate"], "num_prefixes": stats["num_sids"],
                    "max_items_per_prefix": stats["max_items_per_sid"],
                    "utilisation": [lv["utilisation"] for lv in stats["levels"]]}
@@ -259,7 +260,8 @@ class RQVAEModule(pl.LightningModule):
                            upstream=d["upstream"], sizes={"codebook_sizes": codebook_sizes,
                                                           "num_items": len(sids)}, metrics=metrics)
         print(f"rqvae: wrote {out} ({len(sids)} items, codebook_sizes {codebook_sizes}, "
-              f"recon {metrics['recon_mse']:.4g} vs {metrics['recon_mse_at_kmeans_init']:.4g} at k-means init)")
+              f"recon {metrics['recon_error']:.4g} vs {metrics['recon_error_at_kmeans_init']:.4g} at k-means init, "
+              f"{metrics['conflict_rate_3_codes']:.1%} of items share their 3 codes)")
         return m
 
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # ----------------------------------------------------------------------------- RQ-VAE
@@ -46,6 +45,13 @@ class RQVAEConfig:
     """Codewords per residual level; TIGER: three levels of 256."""
     beta: float = 0.25
     """Commitment weight (TIGER: 0.25)."""
+
+
+def sq_dist(a_ND: torch.Tensor, b_ND: torch.Tensor) -> torch.Tensor:
+    """||a - b||^2 summed over the features, averaged over the rows (TIGER Eq. 1-2). Summing keeps the
+    reconstruction term on the scale of the latent terms whatever the input width: a per-element
+    mean divides it by the width (384 for MiniLM) and lets the codebook terms collapse the codes."""
+    return (a_ND - b_ND).pow(2).sum(-1).mean()
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:
@@ -87,8 +93,8 @@ class ResidualQuantizer(nn.Module):
         for cb_KD in self.codebooks:
             c_N = torch.cdist(r_ND.detach(), cb_KD.detach()).argmin(dim=1)
             e_ND = cb_KD[c_N]
-            codebook = codebook + F.mse_loss(e_ND, r_ND.detach())
-            commit = commit + F.mse_loss(r_ND, e_ND.detach())
+            codebook = codebook + sq_dist(e_ND, r_ND.detach())
+            commit = commit + sq_dist(r_ND, e_ND.detach())
             codes.append(c_N)
             zq_ND = zq_ND + e_ND
             r_ND = r_ND - e_ND.detach()
@@ -109,7 +115,7 @@ class RQVAE(nn.Module):
         z_ND = self.encoder(x_ND)
         zq_ND, codes_NS, codebook_loss, commit = self.quantizer(z_ND)
         x_hat_ND = self.decoder(z_ND + (zq_ND - z_ND).detach())  # straight-through
-        recon = F.mse_loss(x_hat_ND, x_ND)
+        recon = sq_dist(x_hat_ND, x_ND)
         return {"loss": recon + codebook_loss + self.cfg.beta * commit, "recon": recon,
                 "codebook": codebook_loss, "commit": commit, "codes": codes_NS, "x_hat": x_hat_ND}
 
