@@ -58,10 +58,20 @@ def world(tmp_path):
     _write(arts, "rqvae", {"recon_mse": 0.01, "recon_mse_at_kmeans_init": 0.02, "conflict_rate_3_codes": 0.3,
                            "utilisation": [1.0, 0.9, 0.5]}, sizes={"num_items": 120})
     _write(arts, "reward", {"test": {"ctr_auc": 0.71, "ctr_gauc": 0.66}, "valid": {"ctr_auc": 0.7}})
+    # the layouts of `onemall evaluate compare` and `onemall evaluate rl`
+    ab = {"requests": 40, "Base/exposures": 10.0, "Base/clicks": 0.5, "Base/ctr": 0.05, "Base/orders": 0.01,
+          "Base/gmv": 1.5, "GRPO/exposures": 10.0, "GRPO/clicks": 0.55, "GRPO/ctr": 0.055, "GRPO/orders": 0.011,
+          "GRPO/gmv": 1.6, "GRPO/click_lift": 0.1, "GRPO/click_lift_ci95": [0.02, 0.18], "GRPO/order_lift": 0.1,
+          "GRPO/order_lift_ci95": [-0.01, 0.2], "GRPO/gmv_lift": 0.0667, "GRPO/gmv_lift_ci95": [0.0, 0.12]}
     _write(arts, "evaluate", {
-        "compare": {"OneMall": _retrieval(0.15), "SASRec": _retrieval(0.06), "TIGER": _retrieval(0.09)},
-        "table4": {"Base": _segments(0.0), "DPO": _segments(0.01), "GRPO": _segments(0.02)},
-        "offline_ab": {"product_card": {"clicks_lift": 0.05, "gmv_lift": 0.07}},
+        "compare": {name: {"table2": _retrieval(base), "literature": {"overall": {"HR@10": base, "NDCG@10": base / 2}},
+                           "replay_s": 1.0, "artifact": "x", "artifact_id": "y"}
+                    for name, base in (("OneMall", 0.15), ("SASRec", 0.06), ("TIGER", 0.09))},
+        "table4": {p: {k: dict(v, valid_sid=0.8 - shift) for k, v in _segments(shift).items()}
+                   for p, shift in (("Base", 0.0), ("DPO", 0.01), ("GRPO", 0.02))},
+        "relevance": {p: {"HR@50": 0.15, "Acc-SID1": 0.2} for p in ("Base", "DPO", "GRPO")},
+        "offline_ab": {"overall": ab, "product_card": ab},
+        "rl_eval": {"requests": 40, "beam": 500},
     })
     (arts / "synth" / "half_written").mkdir()  # a folder without manifest: reported, not fatal
 
@@ -95,11 +105,16 @@ def test_report_tables_paper_numbers_and_plots(world):
     # ours and the paper's, side by side
     assert "| dense-2L | ours |" in md and "| *0.05B* | paper |" in md and "14.5%" in md and "32.9%" in md
     assert "| Product-Card | OneMall | ours | 15.0% |" in md and "*OneMall-0.5B-A0.1B*" in md and "34.3%" in md
-    assert "| Top10 | GRPO | ours |" in md and "| Top10 | *GRPO* | paper | 7.874% | 0.266% | 10.200% | 0.2607 |" in md
+    assert "| Top10 | GRPO | ours | 5.200% | 0.220% | 0.032 | 0.102 |" in md
+    assert "| Top10 | *GRPO* | paper | 7.874% | 0.266% | 10.200% | 0.2607 |" in md
+    assert "| GRPO | 15.0% | 20.0% |" in md and "| GRPO | 78.0% | 78.0% | 78.0% |" in md  # relevance, valid SID
+    assert "| OneMall | 0.15 | 0.075 |" in md  # literature protocol
     assert "| *ResKmeans* | paper | all | — | 36% | 86% |" in md and "ResKmeans+FSQ | ours | overall" in md
     assert "RQ-VAE (TIGER, 3 codes)" in md and "30.0%" in md
     assert "| *w/o QFormer* | paper | 1,205 | 34.4 | +0.5% |" in md and "(+6.9 pt)" in md
-    assert "+2.851%" in md and "| Product-Card | +5.00% | +7.00% |" in md  # Table 3: paper lifts and our A/B keys
+    assert "| Product-Card | GRPO | ours | 40 | 10 | 0.55 | 5.50% | 0.011 | 1.6 | +0.00% | +10.00% [+2.00%, +18.00%] |" in md
+    assert "| Product-Card | *OneMall* | paper | — | — | — | — | — | — | +2.851% | +13.01% | +8.35% | +14.71% |" in md
+    assert "| Live-Streaming | *OneMall* | paper | — | — | — | — | — | — | +2.78% | +2.53% | +4.47% | +4.90% |" in md
     assert "recall@10 5.0% -> 31.0%" in md  # tokenizer headline
     assert "`onemall evaluate` (artifact" in md  # Table 2 from the evaluate artifact
     # missing and broken stages are named with what produces them

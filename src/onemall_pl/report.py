@@ -127,11 +127,13 @@ STAGES: dict[str, tuple[str, str]] = {  # stage -> (what it is, the command that
     "pretrain": ("stage 3, OneMall NTP + contrastive", _fit_export("pretrain")),
     "pretrain_sweep": ("Tables 1 and 6", "onemall pretrain sweep -c configs/pretrain/tiny.yaml"),
     "reward": ("ranking model (the RL reward)", _fit_export("reward")),
-    "rl": ("stage 4, DPO / GRPO post-training", _fit_export("rl")),
+    "rl": ("stage 4, DPO / GRPO post-training", ("onemall rl fit -c configs/rl/tiny_grpo.yaml, then onemall rl export "
+                                                "-c configs/rl/tiny_grpo.yaml (and tiny_dpo.yaml)")),
     "sasrec": ("baseline, SASRec two-tower + faiss", _fit_export("sasrec")),
     "rqvae": ("baseline, TIGER's RQ-VAE tokenizer", _fit_export("rqvae")),
     "tiger": ("baseline, TIGER encoder-decoder", _fit_export("tiger")),
-    "evaluate": ("Table 2 comparison, Table 4, offline A/B", "onemall evaluate"),
+    "evaluate": ("Table 2 comparison, Table 4, offline A/B", ("onemall evaluate compare --data_dir data/<dataset> "
+                 "(Table 2), onemall evaluate rl --data_dir data/<dataset> (Table 4 + offline A/B)")),
 }
 NOT_STAGES = {"report", "reports"}  # folders under artifacts/<dataset>/ that hold no manifest by design
 TABLE5_JSON = Path("reports") / "table5.json"  # written by `onemall quantize ablate`
@@ -154,7 +156,7 @@ def load_stages(root: Path, verify: bool = False) -> tuple[dict[str, Manifest], 
         except ArtifactError as e:
             bad[d.name] = str(e)
     kinds = {_stage_kind(m.stage) for m in found.values()} | {_stage_kind(n) for n in found} | set(bad)
-    missing = {s: cmd for s, (_, cmd) in STAGES.items() if s not in kinds}
+    missing = {s: cmd.replace("<dataset>", root.name) for s, (_, cmd) in STAGES.items() if s not in kinds}
     return found, missing, bad
 
 
@@ -193,13 +195,15 @@ def _num(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def retrieval_scopes(metrics: Any) -> dict[str, dict[str, float]]:
+def retrieval_scopes(metrics: Any, key: str | None = None) -> dict[str, dict[str, float]]:
     """``{"overall": {"HR@50": x}, "<scenario>": {...}}`` from the nested or the flat layout
-    (a ``test`` split inside is preferred); empty when ``metrics`` holds no HR / Recall / NDCG."""
+    (``key`` inside, or else a ``table2`` / ``test`` one, is preferred); empty when it holds no HR / Recall / NDCG."""
     if not isinstance(metrics, dict):
         return {}
-    if isinstance(metrics.get("test"), dict):
-        metrics = metrics["test"]
+    for k in (key,) if key else ("table2", "test"):
+        if isinstance(metrics.get(k), dict):
+            metrics = metrics[k]
+            break
     out: dict[str, dict[str, float]] = {}
     for k, v in metrics.items():
         if isinstance(v, dict) and k != "requests":
@@ -329,6 +333,46 @@ def _ab_value(key: str, v: Any) -> str:
     return fmt(v)
 
 
+AB_COLUMNS = ("exposures", "clicks", "ctr", "orders", "gmv")
+
+
+def _paper_ab_row(scope: str) -> list[str]:
+    pr = PAPER_TABLE3[scope]
+    return [SCENARIO_LABEL[scope], "*OneMall*", "paper", *["—"] * 6, pr["exposure"], pr["click"], pr["order"], pr["gmv"]]
+
+
+def _ab_policy_table(ab: dict) -> str | None:
+    """``onemall evaluate rl``'s layout, ``{scope: {"requests": n, "<policy>/<metric>": v}}``, as rows
+    (scope, policy) with means per request and lifts over Base (95% interval), the paper's lifts beside."""
+    scopes = {k: v for k, v in ab.items() if isinstance(v, dict) and any("/" in str(x) for x in v)}
+    if not scopes:
+        return None
+    rows = []
+    for scope, m in scopes.items():
+        pols = list(dict.fromkeys(str(k).split("/", 1)[0] for k in m if "/" in str(k)))
+        base = m.get("Base/exposures")
+        for p in pols:
+            exp = m.get(f"{p}/exposures")
+            exp_lift = (f"{100 * (exp / base - 1):+.2f}%" if p != "Base" and _num(exp) is not None and base else "—")
+            lifts = []
+            for k in ("click", "order", "gmv"):
+                v, ci = m.get(f"{p}/{k}_lift"), m.get(f"{p}/{k}_lift_ci95")
+                cell = "—" if _num(v) is None else f"{100 * v:+.2f}%"
+                if isinstance(ci, list) and len(ci) == 2 and all(_num(c) is not None for c in ci):
+                    cell += f" [{100 * ci[0]:+.2f}%, {100 * ci[1]:+.2f}%]"
+                lifts.append(cell)
+            rows.append([SCENARIO_LABEL.get(scope, scope), p, "ours", fmt(m.get("requests")),
+                         fmt(m.get(f"{p}/exposures")), fmt(m.get(f"{p}/clicks")), pct(m.get(f"{p}/ctr"), 2),
+                         fmt(m.get(f"{p}/orders")), fmt(m.get(f"{p}/gmv")), exp_lift, *lifts])
+        if scope in PAPER_TABLE3:
+            rows.append(_paper_ab_row(scope))
+    rows += [_paper_ab_row(sc) for sc in PAPER_TABLE3 if sc not in scopes]
+    return ("Means per request of each policy's list; lifts over Base (ratio of means - 1, 95% paired bootstrap "
+            "interval). Paper rows: the online A/B lift of OneMall over the previous retrieval system.\n\n"
+            + md_table(["scenario", "policy", "source", "requests", "exposures", "clicks", "CTR", "orders", "GMV",
+                        "exposure lift", "click lift", "order lift", "GMV lift"], rows))
+
+
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
     def cell(x: Any) -> str:
         return (x if isinstance(x, str) else fmt(x)).replace("|", "\\|").replace("\n", " ")
@@ -358,9 +402,13 @@ class Report:
         self.m, self.root = manifests, root
         self.table2: dict[str, dict[str, dict[str, float]]] = {}  # model -> scope -> metric -> value
         self.table2_source = ""
+        self.literature: dict[str, dict[str, dict[str, float]]] = {}  # leave-one-out protocol of evaluate compare
         self.table4: dict[str, dict[str, dict[str, float]]] = {}  # policy -> segment -> metric -> value
         self.table4_source = ""
         self.sweep_rows: list[dict] = []
+
+    def _cmd(self, stage: str) -> str:
+        return STAGES[stage][1].replace("<dataset>", self.root.name)
 
     # --- Table 1
     def table1(self) -> str:
@@ -368,7 +416,7 @@ class Report:
         head = "## Table 1: scaling (dense vs MoE at equal active parameters)\n\n"
         rows1 = sweep.metrics.get("table1") if sweep else None
         if not rows1:
-            return head + f"Not run: `{STAGES['pretrain_sweep'][1]}` trains the rows.\n"
+            return head + f"Not run: `{self._cmd('pretrain_sweep')}` trains the rows.\n"
         self.sweep_rows = list(rows1)
         acc = sorted({k for r in rows1 for k in r if k.startswith("Acc-SID")})
         hr = sorted({k for r in rows1 for k in r if RETRIEVAL_RE.match(k)}, key=lambda k: int(k.split("@")[1]))
@@ -404,6 +452,8 @@ class Report:
             cmp = _find(ev.metrics, ("compare", "table2", "models"))
             if isinstance(cmp, dict):
                 self.table2 = {str(k): s for k, v in cmp.items() if (s := retrieval_scopes(v))}
+                self.literature = {str(k): s for k, v in cmp.items()
+                                   if isinstance(v, dict) and (s := retrieval_scopes(v, "literature"))}
                 self.table2_source = f"`onemall evaluate` (artifact {ev.id}): every model on the same requests"
         if self.table2:
             return
@@ -416,12 +466,12 @@ class Report:
                 self.table2[f"OneMall ({_policy_name(name, m)})"] = s
         if self.table2:
             self.table2_source = ("each stage's own test metrics (no evaluate artifact: not necessarily the same "
-                                  f"requests for every model; `{STAGES['evaluate'][1]}` replays them all alike)")
+                                  f"requests for every model; `{self._cmd('evaluate')}` replays them all alike)")
 
     def table2_md(self) -> str:
         head = "## Table 2: OneMall vs TIGER vs SASRec, HR@K per scenario\n\n"
         if not self.table2:
-            return head + (f"No retrieval metrics yet: `{STAGES['evaluate'][1]}` compares the models "
+            return head + (f"No retrieval metrics yet: `{self._cmd('evaluate')}` compares the models "
                            "(or run the pretrain / sasrec / tiger stages).\n")
         ks = sorted({int(k.split("@")[1]) for s in self.table2.values() for r in s.values() for k in r
                      if k.startswith(("HR@", "Recall@"))} | set(PAPER_HR_K))
@@ -438,8 +488,16 @@ class Report:
                 d = dict(zip(PAPER_HR_K, vals))
                 rows.append([SCENARIO_LABEL.get(sc, sc), f"*{model}-0.5B-A0.1B*", "paper",
                              *[pct(d.get(k)) for k in ks]])
-        return (head + f"Ours: {self.table2_source}. The paper has no overall row.\n\n"
-                + md_table(["scenario", "model", "source", *[f"{kind}@{k}" for k in ks]], rows))
+        out = (head + f"Ours: {self.table2_source}. The paper has no overall row.\n\n"
+               + md_table(["scenario", "model", "source", *[f"{kind}@{k}" for k in ks]], rows))
+        lit = {name: r["overall"] for name, r in self.literature.items() if "overall" in r}
+        if lit:
+            cols = sorted({k for r in lit.values() for k in r}, key=lambda k: (k.split("@")[0], int(k.split("@")[1])))
+            out += ("\nLiterature protocol (leave-one-out, full ranking, history excluded; Recall@K = HR@K with one "
+                    "held-out item):\n\n"
+                    + md_table(["model", *[c.replace("HR@", "Recall@") for c in cols]],
+                               [[n, *[fmt(r.get(c)) for c in cols]] for n, r in lit.items()]))
+        return out
 
     # --- Table 3
     def table3_md(self) -> str:
@@ -450,11 +508,13 @@ class Report:
         paper = ("Paper (online A/B on Kuaishou, relative lift of OneMall over the previous retrieval):\n\n"
                  + md_table(["scenario", "exposure", "click", "order", "GMV"], paper_rows))
         if not isinstance(ab, dict) or not ab:
-            return (head + f"No offline A/B yet: `{STAGES['evaluate'][1]}` scores two policies' lists with the "
+            return (head + f"No offline A/B yet: `{self._cmd('evaluate')}` scores two policies' lists with the "
                            "world simulator (synthetic datasets only).\n\n" + paper)
+        out = head + f"Ours (`onemall evaluate`, artifact {ev.id}): expected outcomes by the simulator's truth.\n\n"
+        if (t := _ab_policy_table(ab)) is not None:
+            return out + t
         scalars = {k: v for k, v in ab.items() if not isinstance(v, dict)}
         groups = {k: flatten(v) for k, v in ab.items() if isinstance(v, dict)}
-        out = head + f"Ours (`onemall evaluate`, artifact {ev.id}): expected outcomes by the simulator's truth.\n\n"
         if groups:
             cols = list(dict.fromkeys(c for g in groups.values() for c in g))
             out += md_table(["", *cols], [[SCENARIO_LABEL.get(k, k), *[_ab_value(c, g.get(c)) for c in cols]]
@@ -485,7 +545,7 @@ class Report:
     def table4_md(self) -> str:
         head = "## Table 4: ranking-model reward of the beam's Top-N segments, Base vs DPO vs GRPO\n\n"
         if not self.table4:
-            return head + (f"No beam-segment rewards yet: `{STAGES['rl'][1]}` and `{STAGES['evaluate'][1]}` "
+            return head + (f"No beam-segment rewards yet: `{self._cmd('rl')}` and `{self._cmd('evaluate')}` "
                            "produce them.\n")
         segs = sorted({s for p in self.table4.values() for s in p} | set(PAPER_TABLE4), key=lambda s: int(s[3:]))
         order = ["Base", "DPO", "GRPO"]
@@ -495,13 +555,31 @@ class Report:
             for p in pols:
                 r = self.table4[p].get(seg)
                 if r:
-                    rows.append([seg, p, "ours", *[pct(r.get(k), 3) for k in TABLE4_METRICS[:3]],
-                                 fmt(r.get("reward"))])
+                    rows.append([seg, p, "ours", pct(r.get("ctr"), 3), pct(r.get("ctcvr"), 3),
+                                 fmt(r.get("egpm")), fmt(r.get("reward"))])
             for p, vals in PAPER_TABLE4.get(seg, {}).items():
                 rows.append([seg, f"*{p}*", "paper", *[pct(v, 3) for v in vals[:3]], f"{vals[3]:.4f}"])
-        return (head + f"Ours: {self.table4_source}; expected CTR / CTCVR / GPM (egpm head) and fused reward "
-                       "(Eq. 8) averaged over the segment's items.\n\n"
-                + md_table(["beam", "strategy", "source", "CTR", "CTCVR", "GPM", "Reward"], rows))
+        out = (head + f"Ours: {self.table4_source}; the ranking model's CTR / CTCVR / GPM and fused reward (Eq. 8), "
+                      "mean over each request's Top-N items. Our GPM is the EGPM head, expected GMV per 1000 "
+                      "exposures (money), where the paper prints a rate; our reward's scale follows from it, so "
+                      "compare the order of Base / DPO / GRPO, not the values.\n\n"
+               + md_table(["beam", "strategy", "source", "CTR", "CTCVR", "GPM", "Reward"], rows))
+        ev = _by_stage(self.m, "evaluate")
+        rel = _find(ev.metrics, ("relevance",)) if ev is not None else None
+        if isinstance(rel, dict) and rel:
+            cols = list(dict.fromkeys(k for r in rel.values() if isinstance(r, dict) for k in r))
+            out += ("\nWhat RL costs in relevance (same requests; the paper warns that a large RL weight lowers "
+                    "Acc-SID and the valid-SID rate):\n\n"
+                    + md_table(["strategy", *cols], [[p, *[pct(r.get(c)) for c in cols]] for p, r in rel.items()
+                                                     if isinstance(r, dict)]))
+            valid = {p: {s: r.get("valid_sid") for s, r in rows.items()} for p, rows in
+                     (_find(ev.metrics, ("table4",)) or {}).items() if isinstance(rows, dict)}
+            if any(v is not None for r in valid.values() for v in r.values()):
+                segs_v = list(dict.fromkeys(s for r in valid.values() for s in r))
+                out += ("\nValid-SID rate of the unconstrained beams (no trie):\n\n"
+                        + md_table(["strategy", *segs_v], [[p, *[pct(r.get(s)) for s in segs_v]]
+                                                          for p, r in valid.items()]))
+        return out
 
     # --- Table 5
     def table5_md(self) -> str:
@@ -537,7 +615,7 @@ class Report:
                 + ". Collisions count within an item type. HR per tokenizer needs one pretrain run per variant "
                   "(not run here: —).\n\n")
         if q is None and not abl.exists():
-            note = f"No quantize artifact: `{STAGES['quantize'][1]}`.\n\n"
+            note = f"No quantize artifact: `{self._cmd('quantize')}`.\n\n"
         return head + note + md_table(["variant", "source", "item type", "n", "conflict", "exclusive",
                                        *[f"HR@{k}" for k in PAPER_HR_K]], rows)
 
@@ -564,7 +642,7 @@ class Report:
         note = ("Ours: `onemall pretrain sweep` (the moe-12/2 row with and without the Query-Former); "
                 "seq = cross-attention keys per request, GFLOPs = training forward per request. Paper's w/o row "
                 "gives HR as deltas over QFormer.\n\n" if t6 else
-                f"Not run: `{STAGES['pretrain_sweep'][1]}` trains the pair.\n\n")
+                f"Not run: `{self._cmd('pretrain_sweep')}` trains the pair.\n\n")
         return head + note + md_table(["variant", "source", "seq", "GFLOPs", *hr], rows)
 
     # --- stages
@@ -866,7 +944,7 @@ def plot_reward_segments(table4: dict[str, dict[str, dict[str, float]]], path: P
     for ax, k in zip(axes, metrics):
         if base is None:
             _bars(ax, segs, {p: [rows.get(s, {}).get(k) for s in segs] for p, rows in table4.items()},
-                  fmt_pct=k != "reward")
+                  fmt_pct=k in ("ctr", "ctcvr"))
             ax.set_title(TABLE4_LABEL[k], fontsize=10)
             continue
 
