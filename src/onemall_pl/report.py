@@ -440,9 +440,12 @@ class Report:
                              total, active or total, *[pct(p.get(k)) for k in acc],
                              *[pct(p.get(k)) for k in hr]])
         steps = {r.get("steps") for r in rows1}
+        beams = {r.get("beam_requests") for r in rows1} - {None}
         note = (f"Ours: `onemall pretrain sweep`, same data and budget per row ({fmt(steps.pop())} steps), test "
                 "split; MoE rows use experts of width ffn/top_k, so their active size equals dense-4L's. "
                 if len(steps) == 1 else "Ours: `onemall pretrain sweep`, test split. ")
+        if len(beams) == 1:
+            note += f"HR@K by beam search on {fmt(beams.pop())} requests (Acc-SID on all). "
         return head + note + "Paper rows in italics.\n\n" + md_table(header, rows)
 
     # --- Table 2
@@ -908,7 +911,7 @@ def plot_expert_load(logs: dict[str, dict[str, dict[str, list]]], pretrain: Mani
                 grid[a, e] = x
         im = ax.imshow(grid * E, aspect="auto", cmap="coolwarm", vmin=0, vmax=2)
         ax.set_yticks(range(len(layers)), [lyr.replace("model.", "") for lyr in layers], fontsize=6)
-        ax.set_xticks(range(E))
+        ax.set_xticks(range(0, E, 1 + E // 16))
         ax.set_xlabel("expert")
         ax.set_title(f"{name}\nload x E (1 = balanced)", fontsize=9)
         ax.figure.colorbar(im, ax=ax, shrink=0.8)
@@ -993,7 +996,7 @@ def plot_scaling(rows: list[dict], path: Path) -> bool:
         ax.set_xticks(x, labels, fontsize=7)
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncols=2)
+        ax.legend(fontsize=7, ncols=len(keys), loc="upper center", bbox_to_anchor=(0.5, -0.25), frameon=False)
         ax.set_title(f"{title} by model size", fontsize=10)
     fig.suptitle("Table 1: scaling (solid ours, dashed the paper's matching row)")
     fig.savefig(path, dpi=100)
