@@ -702,13 +702,16 @@ def _to(x, device):
 
 
 def load_pretrained(folder: str | Path, quantize: str | Path | Manifest | None = None,
-                    map_location: str = "cpu") -> tuple[OneMall, Manifest]:
+                    map_location: str = "cpu", stages: tuple[str, ...] = ("pretrain",)) -> tuple[OneMall, Manifest]:
     """The OneMall model of a pretrain artifact (checked through its manifest).
 
     ``quantize`` (an artifact folder or manifest): fail unless the model was trained on exactly
     these SIDs (same upstream id and codebook sizes), as stage 4 must before it decodes.
+    ``stages``: the artifact stages accepted (stage 4's policies are OneMall models too).
     """
-    m = load_manifest(folder, stage="pretrain")
+    m = load_manifest(folder, stage=stages[0] if len(stages) == 1 else None)
+    if m.stage not in stages:
+        raise ArtifactError(f"{folder}: expected a {' or '.join(map(repr, stages))} artifact, found stage {m.stage!r}")
     meta = json.loads(m.file("model.json").read_text())
     cfg = OneMallConfig(**meta["model"])
     if quantize is not None:

@@ -81,7 +81,7 @@ from torchmetrics import MeanMetric
 from onemall_pl.artifacts import ArtifactError, Manifest, check_upstream, load_manifest, write_artifact
 from onemall_pl.data.schema import SCENARIOS
 from onemall_pl.io import write_json
-from onemall_pl.models.decoder import BEHAVIOURS, OneMall, OneMallConfig, check_codebooks, count_params
+from onemall_pl.models.decoder import BEHAVIOURS, OneMall, OneMallConfig, count_params
 from onemall_pl.pretrain import (
     SCENARIO_ITEM_TYPE,
     PretrainModule,
@@ -180,19 +180,7 @@ def load_policy(folder: str | Path, quantize: str | Path | Manifest | None = Non
                 map_location: str = "cpu") -> tuple[OneMall, Manifest]:
     """The OneMall model of a pretrain (Base) or rl (DPO / GRPO) artifact, checked through its manifest;
     ``quantize``: fail unless it was trained on these SIDs."""
-    m = load_manifest(folder)
-    if m.stage == "pretrain":
-        return load_pretrained(folder, quantize, map_location)
-    if m.stage != "rl":
-        raise ArtifactError(f"{folder}: expected a 'pretrain' or 'rl' artifact, found stage {m.stage!r}")
-    cfg = OneMallConfig(**json.loads(m.file("model.json").read_text())["model"])
-    if quantize is not None:
-        q = quantize if isinstance(quantize, Manifest) else load_manifest(quantize, stage="quantize")
-        check_codebooks(cfg, q)
-        check_upstream(m, q)
-    model = OneMall(cfg)
-    model.load_state_dict(torch.load(m.file("model.pt"), map_location=map_location, weights_only=True))
-    return model.eval(), m
+    return load_pretrained(folder, quantize, map_location, stages=("pretrain", "rl"))
 
 
 class FreeTrie:
