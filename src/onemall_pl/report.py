@@ -677,8 +677,8 @@ class Report:
             lines.append(f"- quantize, {fmt(o.get('num_items'))} items: conflict {pct(o.get('conflict_rate'))}, "
                          f"exclusive {pct(o.get('exclusive_rate'))}, codebook use per level "
                          + " / ".join(pct(lv.get("utilisation"), 0) for lv in o.get("levels", [])))
-        for stage in ("pretrain", "sasrec", "tiger"):
-            m = _by_stage(self.m, stage)
+        for stage in ("pretrain", *_rl_manifests(self.m), "sasrec", "tiger"):
+            m = self.m.get(stage) or _by_stage(self.m, stage)
             s = retrieval_scopes(m.metrics).get("overall") if m is not None else None
             if s:
                 extra = {k: v for k, v in (m.metrics.get("test") or {}).items()
@@ -798,7 +798,7 @@ def _legend_below(fig, ax) -> None:
         fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8)
 
 
-CURVE_SKIP = re.compile(r"^(epoch|hp_metric|lr-.*|before/.*|moe/.*)$")
+CURVE_SKIP = re.compile(r"^(epoch|hp_metric|lr|lr-.*|before/.*|moe/.*)$")
 
 
 def _curve_tags(runs: dict[str, dict[str, list]], limit: int = 6) -> list[str]:
@@ -806,7 +806,8 @@ def _curve_tags(runs: dict[str, dict[str, list]], limit: int = 6) -> list[str]:
 
     def key(t: str):
         n = max(len(r.get(t, [])) for r in runs.values())
-        return (n < 2, 0 if "loss" in t or t.endswith("ntp") else 1 if t.startswith("val/") else 2, t.count("/"), t)
+        kind = 0 if "loss" in t or t.endswith("ntp") else 1 if "reward" in t else 2 if t.startswith("val/") else 3
+        return (n < 2, kind, t.count("/"), t)
 
     return sorted(tags, key=key)[:limit]
 
