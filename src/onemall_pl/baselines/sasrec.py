@@ -49,12 +49,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from onemall_pl.artifacts import Manifest, load_manifest, write_artifact
+from onemall_pl.baselines import RetrievalEvalHooks
 from onemall_pl.data.catalog import ItemCatalog
 from onemall_pl.data.datasets import ParquetMapDataset, ParquetStream, collate_sequences
 from onemall_pl.data.schema import SCENARIOS
 from onemall_pl.io import read_dataset_info
 from onemall_pl.metrics import PAD as TARGET_PAD
-from onemall_pl.metrics import RetrievalMetrics, flat_metrics, replay, topk_excluding
+from onemall_pl.metrics import RetrievalMetrics, replay, topk_excluding
 from onemall_pl.models.sasrec import PAD, ItemIdTower, SASRecConfig, SASRecUserTower
 from onemall_pl.stage import StageCLI
 from onemall_pl.twotower import TwoTowerModule, export_index
@@ -150,7 +151,7 @@ class SequenceData(pl.LightningDataModule):
 # ----------------------------------------------------------------------------- module
 
 
-class SASRecModule(TwoTowerModule):
+class SASRecModule(RetrievalEvalHooks, TwoTowerModule):
     """SASRec on :class:`~onemall_pl.twotower.TwoTowerModule` (see the module docstring).
 
     Args:
@@ -236,23 +237,9 @@ class SASRecModule(TwoTowerModule):
         scores_BN = self.user_tower({"seq": seq_BL}) @ self.item_tower.all_items().T
         return topk_excluding(scores_BN, k, seq_BL - 1 if exclude else None) + 1
 
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics.reset()
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         top_BK = self.topk(batch["seq"], max(*self.hparams.hr_k, *self.hparams.ndcg_k))
         self.val_metrics.update(top_BK, batch["targets"], batch["scenario"])
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(flat_metrics(self.val_metrics.compute(), "val/"))
-        self.val_metrics.reset()
-
-    on_test_epoch_start = on_validation_epoch_start
-    test_step = validation_step
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(flat_metrics(self.val_metrics.compute(), "test/"))
-        self.val_metrics.reset()
 
     @torch.no_grad()
     def export_artifact(self, trainer, datamodule: SequenceData, out: Path | None) -> Manifest | None:

@@ -34,11 +34,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from onemall_pl.artifacts import Manifest, load_manifest, write_artifact
+from onemall_pl.baselines import RetrievalEvalHooks
 from onemall_pl.data.catalog import ItemCatalog
 from onemall_pl.data.datasets import ParquetMapDataset, ParquetStream, collate_sequences
 from onemall_pl.data.schema import SCENARIOS
 from onemall_pl.io import read_dataset_info
-from onemall_pl.metrics import PAD, RetrievalMetrics, flat_metrics, pack_left, replay
+from onemall_pl.metrics import PAD, RetrievalMetrics, pack_left, replay
 from onemall_pl.models.tiger import TigerConfig, TigerT5
 from onemall_pl.retrieval import SIDTrie, beam_search
 from onemall_pl.stage import StageCLI
@@ -131,7 +132,7 @@ class TigerData(pl.LightningDataModule):
 # ----------------------------------------------------------------------------- module
 
 
-class TigerModule(pl.LightningModule):
+class TigerModule(RetrievalEvalHooks, pl.LightningModule):
     """Trains :class:`~onemall_pl.models.tiger.TigerT5` with next-SID cross-entropy.
 
     Args:
@@ -196,25 +197,11 @@ class TigerModule(pl.LightningModule):
             out.append(items_BK[:, :k].cpu())
         return torch.cat(out)
 
-    def on_validation_epoch_start(self) -> None:
-        self.val_metrics.reset()
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         k = max([*self.hparams.hr_k, *self.hparams.ndcg_k])
         hist = batch["hist"] if self.hparams.exclude_history else None
         top_BK = self.retrieve(batch["hist_sids"], batch["user"], hist, k)
         self.val_metrics.update(top_BK.to(self.device), batch["targets"], batch["scenario"])
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict(flat_metrics(self.val_metrics.compute(), "val/"))
-        self.val_metrics.reset()
-
-    on_test_epoch_start = on_validation_epoch_start
-    test_step = validation_step
-
-    def on_test_epoch_end(self) -> None:
-        self.log_dict(flat_metrics(self.val_metrics.compute(), "test/"))
-        self.val_metrics.reset()
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
