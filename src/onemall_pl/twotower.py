@@ -89,7 +89,9 @@ class TwoTowerModule(pl.LightningModule):
         b = len(logits_BB)
         self.val_loss.update(self.loss(logits_BB), weight=b)
         target_BB = torch.eye(b, dtype=torch.bool, device=logits_BB.device)
-        query_BB = torch.arange(b, device=logits_BB.device)[:, None].expand(b, b) + self._seen  # query ids
+        # query ids, unique across ranks: the DDP-synced RetrievalRecall groups rows by id
+        query_B = (torch.arange(b, device=logits_BB.device) + self._seen) * self.trainer.world_size + self.global_rank
+        query_BB = query_B[:, None].expand(b, b)
         self._seen += b
         keep = torch.isfinite(logits_BB)
         self.val_recall.update(logits_BB[keep], target_BB[keep], indexes=query_BB[keep])
