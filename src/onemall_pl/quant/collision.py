@@ -40,7 +40,11 @@ def collision_stats(codes_NL: np.ndarray, codebook_sizes: Sequence[int]) -> dict
     """Conflict / exclusive rates and per-level stats of one SID space."""
     codes_NL = np.asarray(codes_NL)
     assert codes_NL.ndim == 2 and codes_NL.shape[1] == len(codebook_sizes), (codes_NL.shape, codebook_sizes)
-    inverse, counts = _group(codes_NL)
+    return _stats(codes_NL, *_group(codes_NL), codebook_sizes)
+
+
+def _stats(codes_NL: np.ndarray, inverse: np.ndarray, counts: np.ndarray, codebook_sizes: Sequence[int]) -> dict:
+    """The stats of SIDs grouped as ``_group`` gives them (``inverse``: each item's group)."""
     n = len(codes_NL)
     return {
         "num_items": int(n),
@@ -61,16 +65,7 @@ def stats_by_type(codes_NL: np.ndarray, item_types: np.ndarray, codebook_sizes: 
     # overall: prefix a type column so that a product and a video never "collide"
     _, type_idx = np.unique(item_types, return_inverse=True)
     keyed = np.concatenate([type_idx.reshape(-1, 1), np.asarray(codes_NL)], 1)
-    inverse, counts = _group(keyed)
-    n = len(codes_NL)
-    out["overall"] = {
-        "num_items": int(n),
-        "num_sids": len(counts),
-        "conflict_rate": float((counts[inverse] > 1).mean()) if n else 0.0,
-        "exclusive_rate": float((counts == 1).mean()) if n else 0.0,
-        "max_items_per_sid": int(counts.max()) if n else 0,
-        "levels": [level_stats(codes_NL[:, i], k) for i, k in enumerate(codebook_sizes)],
-    }
+    out["overall"] = _stats(np.asarray(codes_NL), *_group(keyed), codebook_sizes)
     return out
 
 
