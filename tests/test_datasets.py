@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from onemall_pl.data.datasets import (
+    MapLoader,
     ParquetMapDataset,
     ParquetStream,
     _remaining,
@@ -283,6 +284,114 @@ def test_lightning_saves_and_restores_the_stream_position(folder, tmp_path):
     L.Trainer(**kw, enable_checkpointing=False).fit(*_Recorder.make(folder, seen),
                                                     ckpt_path=tmp_path / "step=5.ckpt")
     assert seen == full[5 * 8:], "the resumed run trains on exactly the rest of the epoch, in order"
+
+
+# ----------------------------------------------------------------------------- MapLoader
+
+
+def _map_epoch(loader) -> list[list[int]]:
+    return [b[0].tolist() for b in loader]
+
+
+def _rows(n: int = 23):
+    from torch.utils.data import TensorDataset
+
+    return TensorDataset(torch.arange(n))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_map_loader_shards_ranks_evenly(drop_last):
+    per_rank = [_map_epoch(MapLoader(_rows(), 4, seed=1, rank=r, world_size=3, drop_last=drop_last)) for r in range(3)]
+    assert len({len(b) for b in per_rank}) == 1, "DDP ranks must yield the same number of batches"
+    seen = [i for b in per_rank for x in b for i in x]
+    if drop_last:  # 23 rows, 3 ranks: 21 kept, then batches of 4 (the partial one dropped)
+        assert len(seen) == len(set(seen)) == 3 * 4
+    else:  # 24 slots: one row repeated, every row seen
+        assert sorted(set(seen)) == list(range(23)) and len(seen) == 24
+
+
+def test_map_loader_is_seeded_per_epoch_and_pass():
+    a, b, c = (_map_epoch(MapLoader(_rows(), 5, seed=s)) for s in (0, 0, 1))
+    assert a == b and a != c and sorted(i for x in a for i in x) == list(range(23))
+    loader = MapLoader(_rows(), 5, seed=0)
+    _map_epoch(loader)
+    again = _map_epoch(loader)  # a second pass in the same epoch: another order
+    assert again != a and sorted(map(sorted, again)) != sorted(map(sorted, a))
+    loader.sampler.set_epoch(1)
+    e1 = _map_epoch(loader)
+    assert e1 not in (a, again) and loader.state_dict()["passes"] == 0
+    assert _map_epoch(MapLoader(_rows(), 5, shuffle=False)) == [list(range(i, min(i + 5, 23))) for i in range(0, 23, 5)]
+    with pytest.raises(ValueError, match="sampler"):
+        MapLoader(_rows(), 5, sampler=[0, 1])
+
+
+@pytest.mark.parametrize("num_workers, resume_workers", [(0, 0), (2, 0), (0, 2)])
+def test_map_loader_resumes_exactly_the_rest(num_workers, resume_workers):
+    make = partial(MapLoader, _rows(), 3, seed=4, rank=1, world_size=2)
+    loader = make(num_workers=num_workers)
+    loader.sampler.set_epoch(2)
+    full = _map_epoch(loader)
+    loader = make(num_workers=num_workers)
+    loader.sampler.set_epoch(2)
+    first = [b[0].tolist() for b in islice(loader, 2)]
+    state = loader.state_dict()
+    assert first == full[:2] and state["start"] == 6
+    fresh = make(num_workers=resume_workers)
+    fresh.load_state_dict(state)
+    fresh.sampler.set_epoch(2)  # Lightning calls it after restoring: the position stays
+    assert first + _map_epoch(fresh) == full
+    nxt = _map_epoch(fresh)  # after the whole epoch: the next pass, a full one in another order
+    assert len(nxt) == len(full) and nxt != full
+    with pytest.raises(ValueError, match="batch_size"):
+        MapLoader(_rows(), 4, seed=4, rank=1, world_size=2).load_state_dict(state)
+    MapLoader(_rows(), 3, seed=4, rank=0, world_size=2).load_state_dict(state)  # the state is rank-free
+
+
+class _Cycled:
+    """A LightningModule training on two MapLoaders of different lengths in one CombinedLoader
+    (``max_size_cycle``, as quantize trains), recording the rows of every batch."""
+
+    @staticmethod
+    def make(seen):
+        import lightning as L
+
+        class Module(L.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.zeros(1))
+
+            def training_step(self, batch, batch_idx):
+                seen.append((batch["long"][0].tolist(), batch["short"][0].tolist()))
+                return self.w.sum()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.0)
+
+            def train_dataloader(self):
+                return {"long": MapLoader(_rows(23), 4, seed=1, num_workers=1),
+                        "short": MapLoader(_rows(9), 4, seed=2, drop_last=True)}
+
+        return Module()
+
+
+@pytest.mark.slow
+def test_lightning_saves_and_restores_map_loaders(tmp_path):
+    """Resumed mid-epoch, inside a cycle of the short loader, or at an epoch's end, a run trains
+    on exactly the batches of the run never stopped."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kw = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, max_epochs=3)
+    full: list = []
+    cb = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=1, save_top_k=-1)
+    L.Trainer(callbacks=[cb], **kw).fit(_Cycled.make(full))
+    assert len(full) == 3 * 6  # 6 batches of the long loader per epoch; the short one (2) cycles
+    assert len({tuple(s) for _, s in full}) > 2, "each pass of the short loader has its own order"
+    for step in (3, 6, 9, 11):  # mid-epoch (in a short cycle, at its end), an epoch's end
+        seen: list = []
+        L.Trainer(**kw, enable_checkpointing=False).fit(_Cycled.make(seen), ckpt_path=tmp_path / f"step={step}.ckpt")
+        assert seen == full[step:], step
 
 
 def test_throughput_reports_measured_figures():

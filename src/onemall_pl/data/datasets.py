@@ -1,4 +1,5 @@
-"""Training data from Parquet shards: a resumable stream, a map-style dataset, a collate.
+"""Training data from Parquet shards: a resumable stream, a map-style dataset and its resumable
+loader, a collate.
 
 Three pieces, used by every stage's ``LightningDataModule``:
 
@@ -10,7 +11,9 @@ Three pieces, used by every stage's ``LightningDataModule``:
   a given seed and epoch, and the stream resumes mid-epoch from its ``state_dict``.
 - :class:`ParquetMapDataset` (validation, test, small tables): the (filtered) table held
   in memory as Arrow, indexable; ``__getitems__`` serves a whole batch as one Arrow
-  ``take``, so Lightning's ``DistributedSampler`` and any sampler work as usual.
+  ``take``, so Lightning's ``DistributedSampler`` and any sampler work as usual. To TRAIN on
+  a map-style dataset use :class:`MapLoader` (seeded, sharded by rank, resumable mid-epoch
+  like the stream).
 - :func:`collate_sequences`: an Arrow batch -> padded ``LongTensor`` s with ``bool`` masks.
 
 How the stream splits an epoch (all positions are rows *after* the row filter)::
@@ -76,7 +79,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from onemall_pl.data.schema import TABLES, DataError
 from onemall_pl.io import check_same_schema, open_parquet, read_table, table_files, write_table
@@ -314,6 +317,18 @@ def _split(ranges: Ranges, parts: int) -> list[Ranges]:
     return out
 
 
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world size): the given ones, else torch.distributed's when initialised, else (0, 1)."""
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        on = dist.is_available() and dist.is_initialized()
+        rank = (dist.get_rank() if on else 0) if rank is None else rank
+        world_size = (dist.get_world_size() if on else 1) if world_size is None else world_size
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size
+
+
 def _remaining(ranges: Ranges, num_workers: int, delivered: int) -> Ranges:
     """What is left of a pass over ``ranges`` with ``num_workers`` workers after the main
     process received ``delivered`` batches (workers are asked in turn, run 0 first), in the
@@ -397,15 +412,7 @@ class ParquetStream(IterableDataset):
     # -- the plan (main process and workers alike; deterministic)
 
     def _world(self) -> tuple[int, int]:
-        rank, world = self._rank, self._world_size
-        if rank is None or world is None:
-            dist = torch.distributed
-            on = dist.is_available() and dist.is_initialized()
-            rank = (dist.get_rank() if on else 0) if rank is None else rank
-            world = (dist.get_world_size() if on else 1) if world is None else world
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} is not in [0, world_size={world})")
-        return rank, world
+        return _rank_world(self._rank, self._world_size)
 
     def units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(file index, row group, rows after the filter) of every non-empty row group."""
@@ -690,6 +697,125 @@ class ParquetMapDataset(Dataset):
         if isinstance(batch, tuple):
             return self.collate(batch[0], rows=batch[1])
         return batch if self.collate is None else self.collate(batch)
+
+
+# ----------------------------------------------------------------------------- map-style, resumable
+
+
+class ResumableSampler(DistributedSampler):
+    """This rank's indices of a map-style dataset, in a seeded order per epoch, able to start
+    part-way through a pass (the position :class:`MapLoader` saves and restores).
+
+    Sizes as torch's ``DistributedSampler``: every rank gets ``num_samples`` indices (the last
+    ones repeat the first unless ``drop_last``, which drops the tail instead), rank r takes every
+    W-th index from r. Differences: a pass's order is ``default_rng([seed, epoch, passes])``'s
+    permutation (the dataset order if not ``shuffle``), its first ``start`` indices are skipped,
+    and ``set_epoch`` keeps the position when given the current epoch (Lightning calls it at
+    every epoch start, also just after restoring a mid-epoch checkpoint). ``passes`` counts the
+    full passes made inside the epoch, so a loader cycled within one epoch (Lightning's
+    ``max_size_cycle`` over loaders of different lengths) gets a new order each time. Being a
+    ``DistributedSampler``, Lightning never replaces it under DDP.
+    """
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int | None = None, rank: int | None = None,
+                 shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        rank, num_replicas = _rank_world(rank, num_replicas)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.passes = 0  # full passes made in this epoch
+        self.start = 0  # indices of this pass already delivered
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` from its beginning, unless already in it (a restored position stays)."""
+        if epoch != self.epoch:
+            self.epoch, self.passes, self.start = epoch, 0, 0
+
+    def order(self) -> np.ndarray:
+        """This rank's indices for the current pass, from its beginning."""
+        n = len(self.dataset)
+        idx = (np.random.default_rng([self.seed, self.epoch, self.passes]).permutation(n) if self.shuffle
+               else np.arange(n))
+        idx = idx[:self.total_size] if self.drop_last else np.resize(idx, self.total_size)  # resize repeats
+        return idx[self.rank:self.total_size:self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order()[self.start:].tolist())
+
+
+class MapLoader(DataLoader):
+    """The training DataLoader of a map-style dataset: shuffled per (seed, epoch), sharded
+    across DDP ranks, resumable mid-epoch. What :class:`StreamLoader` is to a
+    :class:`ParquetStream`, for a dataset that fits in memory (:class:`ParquetMapDataset`,
+    a ``TensorDataset``, ...)::
+
+        ds = ParquetMapDataset(folder, filter={"split": "train"}, collate=...)
+        MapLoader(ds, batch_size=512, seed=0, collate_fn=ds.collate_fn, num_workers=2)
+
+    It counts the batches it hands to the training loop (in the main process, whatever
+    ``num_workers``), and its ``state_dict`` / ``load_state_dict`` make it stateful for
+    Lightning, which saves the state in every checkpoint and restores it on
+    ``fit(ckpt_path=...)`` before the first batch. A restored loader yields exactly the batches
+    not yet delivered, in the same order, with any ``num_workers``: its
+    :class:`ResumableSampler` skips ``batch_size`` x delivered indices of the pass's order.
+
+    Epochs: Lightning calls the sampler's ``set_epoch`` when an epoch starts (call it yourself in
+    a manual loop, as with ``DistributedSampler``); iterating again after a full pass without a
+    new epoch starts another pass in a new order. Every rank yields the same number of batches;
+    the state holds no rank, so rank 0's (the one Lightning saves) restores every rank.
+
+    Args:
+        dataset: a map-style dataset.
+        batch_size, drop_last: as DataLoader; ``drop_last`` also drops the tail that does not
+            divide among the ranks (else the first indices are repeated to fill it).
+        shuffle, seed: the order per (seed, epoch, pass); ``shuffle=False`` keeps dataset order.
+        rank, world_size: default torch.distributed's when initialised, else 0 and 1.
+        **kwargs: other DataLoader arguments (``collate_fn``, ``num_workers``,
+            ``persistent_workers``, ...); not ``sampler``, ``batch_sampler``, ``generator``.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int = 1, *, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, rank: int | None = None, world_size: int | None = None, **kwargs):
+        for k in ("sampler", "batch_sampler", "generator"):
+            if kwargs.get(k) is not None:
+                raise ValueError(f"MapLoader makes its own sampler from shuffle/seed/rank; {k}= is not taken")
+        if kwargs.get("in_order") is False:
+            raise ValueError("in_order=False would make the delivered order, hence the resume state, random")
+        if batch_size is None or batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                   drop_last=drop_last)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kwargs)
+
+    def __iter__(self) -> Iterator:
+        # A generator: the pass (and the workers' first indices) starts at the first next(), after
+        # the set_epoch that Lightning calls between iter() and the epoch when it resumes from a
+        # checkpoint taken at an epoch's end.
+        s: ResumableSampler = self.sampler
+        if s.start >= len(self) * self.batch_size:  # the last pass was delivered whole: a new one
+            s.passes, s.start = s.passes + 1, 0
+        for batch in super().__iter__():
+            s.start += self.batch_size  # counted as handed out, in the main process
+            yield batch
+
+    def _fingerprint(self) -> dict:
+        s: ResumableSampler = self.sampler
+        return dict(rows=len(self.dataset), world_size=s.num_replicas, batch_size=self.batch_size, seed=s.seed,
+                    shuffle=s.shuffle, drop_last=self.drop_last)
+
+    def state_dict(self) -> dict:
+        """Where the loader stands: epoch, full passes in it, indices of this pass delivered (rank-free)."""
+        s: ResumableSampler = self.sampler
+        return dict(epoch=s.epoch, passes=s.passes, start=s.start, fingerprint=self._fingerprint())
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; the next pass yields exactly the batches left."""
+        mine = self._fingerprint()
+        diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
+        if diff:
+            raise ValueError("cannot resume the loader: the saved state was made with a different setup, "
+                             f"(saved, now) = {diff}")
+        s: ResumableSampler = self.sampler
+        s.epoch, s.passes, s.start = int(state["epoch"]), int(state["passes"]), int(state["start"])
 
 
 # ----------------------------------------------------------------------------- benchmark
