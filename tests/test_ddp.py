@@ -13,6 +13,7 @@ import queue
 import socket
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -55,45 +56,80 @@ def _metrics(ret, auc, rows_ret=slice(None), rows_auc=slice(None)):
     return out
 
 
-def _worker(rank: int, world: int, port: int, q) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        ret, auc = _data()
-        # uneven, interleaved shares: rank 0 gets 12 requests, rank 1 gets 11
-        q.put((rank, _metrics(ret, auc, slice(rank, None, world), slice(rank, None, world))))
-    finally:
-        dist.destroy_process_group()
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+class _Failed(str):
+    """A rank's traceback."""
+
+
+def _rank_main(fn, rank: int, world: int, port: int, init_group: bool, q, args) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    # what torchrun sets: Lightning's DDP strategy then joins this world instead of launching one
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    if init_group:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        q.put((rank, fn(rank, world, *args)))
+    except BaseException:  # reported to the parent, which fails the test
+        q.put((rank, _Failed(traceback.format_exc())))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn, *args, world: int = 2, init_group: bool = True, timeout: float = 300) -> dict:
+    """``{rank: fn(rank, world, *args)}``, each rank a spawned process on one gloo world.
+
+    ``init_group``: join the process group before calling ``fn``; ``False`` leaves it to a
+    Lightning ``Trainer(strategy="ddp", devices=world)`` made in ``fn`` (the torchrun variables
+    are set). ``fn`` and its arguments must be picklable (module-level)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, init_group, q, args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    got, waited = {}, 0.0
+    try:
+        while len(got) < world:
+            try:
+                rank, res = q.get(timeout=2)
+            except queue.Empty:
+                waited += 2
+                assert all(p.exitcode in (None, 0) for p in procs), [p.exitcode for p in procs]
+                assert waited < timeout, f"ranks still running after {timeout} s"
+                continue
+            assert not isinstance(res, _Failed), f"rank {rank} failed:\n{res}"
+            got[rank] = res
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0, p.exitcode
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+    return got
+
+
+def _metrics_share(rank: int, world: int):
+    ret, auc = _data()
+    # uneven, interleaved shares: rank 0 gets 12 requests, rank 1 gets 11
+    return _metrics(ret, auc, slice(rank, None, world), slice(rank, None, world))
+
+
 @pytest.mark.multiprocess
 def test_metrics_over_two_ranks_equal_one():
     """HR@K / NDCG@K per scenario (RetrievalMetrics: summed states), AUC and GAUC (concatenated
     states) computed on 2 gloo ranks, each with part of the data, equal the 1-process values."""
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, q)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = {}
-    while len(got) < len(procs):
-        try:
-            rank, res = q.get(timeout=2)
-            got[rank] = res
-        except queue.Empty:
-            assert all(p.exitcode in (None, 0) for p in procs), [p.exitcode for p in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    got = run_ranks(_metrics_share)
     want = _metrics(*_data())
     assert want["requests"]["overall"] == 23 and len(want["requests"]) > 2  # several scenarios
     for rank in (0, 1):
@@ -165,3 +201,82 @@ def test_reward_stage_shards_its_data_across_two_ranks(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["global_step"] == len(seen[0]["seen"]) // 256 + (len(seen[0]["seen"]) % 256 > 0)
 
+
+
+# ----------------------------------------------------------------------------- in-batch negatives
+
+def _tt_batch(rows: slice | list) -> dict:
+    """Rows of a fixed 12-row two-tower batch: items repeat within and across halves, logq set."""
+    g = torch.Generator().manual_seed(3)
+    item = torch.tensor([1, 2, 3, 4, 5, 1, 2, 6, 7, 3, 8, 2])  # 1, 2, 3 on both halves; 2 twice on the second
+    full = {"user": {"clicks": torch.randint(1, 13, (12, 4), generator=g)}, "item": {"item": item},
+            "item_id": item, "logq": torch.log(torch.rand(12, generator=g) * 0.5 + 0.01)}
+    take = lambda d: {k: take(v) if isinstance(v, dict) else v[rows] for k, v in d.items()}  # noqa: E731
+    return take(full)
+
+
+def _tt_module():
+    from onemall_pl.models.twotower import FeatureTower, TowerConfig
+    from onemall_pl.twotower import TwoTowerModule
+
+    torch.manual_seed(0)
+    user = FeatureTower(TowerConfig({"clicks": 13}, 8, 16, 8))
+    item = FeatureTower(TowerConfig({"item": 13}, 8, 16, 8))
+    return TwoTowerModule(user, item, lr=0.1, temperature=0.2)
+
+
+def _tt_step(batch: dict, devices: int, root: str):
+    """One training step on ``batch`` (this rank's); returns (loss, gradients after DDP's reduce,
+    the trained module)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+
+    class Grab(Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.loss = float(outputs["loss"])
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.grads = {k: p.grad.clone() for k, p in module.named_parameters() if p.grad is not None}
+
+    m, grab = _tt_module(), Grab()
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False, default_root_dir=root,
+                         callbacks=[grab])
+    trainer.fit(m, torch.utils.data.DataLoader([batch], batch_size=None))
+    return grab.loss, grab.grads, m
+
+
+def _tt_rank(rank: int, world: int, root: str):
+    b = 12 // world
+    loss, grads, m = _tt_step(_tt_batch(slice(rank * b, (rank + 1) * b)), world, root)
+    with torch.no_grad():  # uneven shares (rank 0: 7 rows, rank 1: 5), as last batches may be
+        uneven = m.logits(_tt_batch(slice(0, 7) if rank == 0 else slice(7, 12)))
+    return loss, grads, uneven
+
+
+@pytest.mark.multiprocess
+def test_twotower_negatives_gathered_across_ranks(tmp_path):
+    """2 ranks with 6 rows each train on the loss and gradients of 1 process with the 12 rows:
+    every user scores against the positives of both ranks, labels offset by rank, a positive's
+    duplicates on either rank masked, logQ of the other rank's items applied. Uneven shares give
+    each rank its rows of the 1-process logits (padding columns masked)."""
+    got = run_ranks(_tt_rank, str(tmp_path), init_group=False)
+    want_loss, want_grads, m = _tt_step(_tt_batch(slice(None)), 1, str(tmp_path))
+    with torch.no_grad():
+        want_logits = m.logits(_tt_batch(slice(None)))
+    assert torch.isinf(want_logits[0, 5]) and torch.isinf(want_logits[6, 11])  # duplicates across halves and within
+    ddp_loss = sum(got[r][0] for r in (0, 1)) / 2
+    assert ddp_loss == pytest.approx(want_loss, rel=1e-5)
+    assert got[0][0] != pytest.approx(got[1][0], rel=1e-3)  # the ranks saw different rows
+    for r in (0, 1):
+        assert got[r][1].keys() == want_grads.keys() and len(want_grads) > 4
+        for k, g in want_grads.items():
+            torch.testing.assert_close(got[r][1][k], g, rtol=1e-4, atol=1e-6, msg=k)
+    # uneven: rank 0's 7 rows against [7 of rank 0, 7 slots of rank 1 of which 5 real]
+    lg0, lg1 = got[0][2], got[1][2]
+    assert lg0.shape == (7, 14) and lg1.shape == (5, 14)
+    cols = list(range(7)) + list(range(7, 12))
+    for lg, rows in ((lg0, slice(0, 7)), (lg1, slice(7, 12))):
+        assert torch.isinf(lg[:, 12:]).all()  # rank 1's padding
+        torch.testing.assert_close(lg[:, cols], want_logits[rows], rtol=1e-4, atol=1e-5)

@@ -12,7 +12,13 @@ A batch is a dict::
 
 Loss (sampled softmax over the batch's positives, temperature tau, logQ-corrected as in
 Yi et al. 2019): ``CE(u_i . v_j / tau - log q_j, j = i)``, other rows holding the same item
-masked out. Validation logs the loss and in-batch recall@K (torchmetrics).
+masked out. The batch is the *global* one: under DDP every rank's users score against the
+positives of all ranks (item vectors gathered with ``all_gather(sync_grads=True)``, so the
+gradient reaches the rank that computed each vector; ids and log q gathered alongside, a
+duplicate on another rank masked as on this one), and a rank's labels are offset by its
+position in the gathered batch. W ranks with b rows each thus train on the loss and the
+gradients of one process with the W*b rows (tests/test_ddp.py). One process: no gathering.
+Validation logs the loss and in-batch recall@K (torchmetrics) over the same global batch.
 The item tower may learn more slowly (``item_lr_scale``): the paper lowers the item tower's
 learning rate so that live-stream semantic IDs do not churn (§3.1.3).
 
@@ -67,17 +73,39 @@ class TwoTowerModule(pl.LightningModule):
     def encode_items(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.item_tower(feats)
 
-    def logits(self, batch: dict) -> torch.Tensor:
-        u_BD, v_BD = self.model(batch["user"], batch["item"])
-        logits_BB = u_BD @ v_BD.T / self.hparams.temperature
-        if self.hparams.logq_correction and "logq" in batch:
-            logits_BB = logits_BB - batch["logq"][None, :]
-        ids = batch["item_id"]
-        dup_BB = (ids[:, None] == ids[None, :]) & ~torch.eye(len(ids), dtype=torch.bool, device=ids.device)
-        return logits_BB.masked_fill(dup_BB, float("-inf"))
+    def _gather(self, x: torch.Tensor, sync_grads: bool = False) -> torch.Tensor:
+        """``x`` of every rank, concatenated in rank order (``[W * n, ...]``); ``x`` on one process."""
+        if self._trainer is None or self.trainer.world_size == 1:
+            return x
+        return self.all_gather(x, sync_grads=sync_grads).flatten(0, 1)
 
-    def loss(self, logits_BB: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits_BB, torch.arange(len(logits_BB), device=logits_BB.device))
+    def logits(self, batch: dict) -> torch.Tensor:
+        """``[b, W * n]``: this rank's b users against the positives of all W ranks, each rank's
+        padded to the largest batch n (padding, and other rows holding a user's positive item,
+        are -inf). The user's own positive is column :meth:`labels`."""
+        u_BD, v_BD = self.model(batch["user"], batch["item"])
+        ids_B = batch["item_id"]
+        b = len(ids_B)
+        n = int(self._gather(torch.tensor([b], device=ids_B.device)).max())  # ranks' last batches may differ
+        logq_B = batch["logq"] if self.hparams.logq_correction and "logq" in batch else v_BD.new_zeros(b)
+        v_ND = self._gather(F.pad(v_BD, (0, 0, 0, n - b)), sync_grads=True)
+        ids_N = self._gather(F.pad(ids_B, (0, n - b)))
+        logq_N = self._gather(F.pad(logq_B.to(v_BD.dtype), (0, n - b)))
+        real_N = self._gather(F.pad(torch.ones_like(ids_B), (0, n - b))).bool()  # gloo gathers no bool
+        logits_BN = u_BD @ v_ND.T / self.hparams.temperature - logq_N[None, :]
+        cols_N = torch.arange(len(ids_N), device=ids_B.device)
+        own_BN = cols_N[None, :] == self.labels(b, n)[:, None]
+        masked_BN = ((ids_B[:, None] == ids_N[None, :]) & ~own_BN) | ~real_N[None, :]
+        return logits_BN.masked_fill(masked_BN, float("-inf"))
+
+    def labels(self, b: int, n: int) -> torch.Tensor:
+        """Columns of this rank's b positives in the gathered ``[W * n]`` batch."""
+        return torch.arange(b, device=self.device) + self.global_rank * n
+
+    def loss(self, logits_BN: torch.Tensor) -> torch.Tensor:
+        b, N = logits_BN.shape
+        W = self.trainer.world_size if self._trainer is not None else 1
+        return F.cross_entropy(logits_BN, self.labels(b, N // W))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self.logits(batch))
@@ -85,16 +113,17 @@ class TwoTowerModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits_BB = self.logits(batch)
-        b = len(logits_BB)
-        self.val_loss.update(self.loss(logits_BB), weight=b)
-        target_BB = torch.eye(b, dtype=torch.bool, device=logits_BB.device)
+        logits_BN = self.logits(batch)
+        (b, N), W = logits_BN.shape, self.trainer.world_size
+        self.val_loss.update(self.loss(logits_BN), weight=b)
+        target_BN = torch.zeros_like(logits_BN, dtype=torch.bool)
+        target_BN[torch.arange(b), self.labels(b, N // W)] = True
         # query ids, unique across ranks: the DDP-synced RetrievalRecall groups rows by id
-        query_B = (torch.arange(b, device=logits_BB.device) + self._seen) * self.trainer.world_size + self.global_rank
-        query_BB = query_B[:, None].expand(b, b)
+        query_B = (torch.arange(b, device=logits_BN.device) + self._seen) * W + self.global_rank
+        query_BN = query_B[:, None].expand(b, N)
         self._seen += b
-        keep = torch.isfinite(logits_BB)
-        self.val_recall.update(logits_BB[keep], target_BB[keep], indexes=query_BB[keep])
+        keep = torch.isfinite(logits_BN)
+        self.val_recall.update(logits_BN[keep], target_BN[keep], indexes=query_BN[keep])
         # metric objects: Lightning computes them over the epoch and resets them
         self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log_dict(self.val_recall, on_epoch=True)
