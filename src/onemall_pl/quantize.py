@@ -77,6 +77,7 @@ from torchmetrics import MeanMetric
 
 from onemall_pl.artifacts import ArtifactError, Manifest, load_manifest, stage_dir, write_artifact
 from onemall_pl.data.catalog import ItemCatalog
+from onemall_pl.data.datasets import MapLoader
 from onemall_pl.io import atomic_dir, atomic_file, read_table, write_json
 from onemall_pl.models.twotower import FeatureTower, TowerConfig
 from onemall_pl.quant import FSQConfig, ResKMeans, SIDTokenizer, check_embeddings, reverse_map, stats_by_type
@@ -484,9 +485,11 @@ class QuantizeDataModule(pl.LightningDataModule):
         return out
 
     def train_dataloader(self):
-        g = torch.Generator().manual_seed(self.seed)
-        return {t: DataLoader(TensorDataset(x), batch_size=min(self.batch_size, len(x)), shuffle=True,
-                              generator=g, drop_last=True) for t, (_, x) in self.inputs.items()}
+        # one loader per item type (Lightning cycles the shorter ones), each seeded per epoch, sharded
+        # by rank and resumable mid-epoch (the positions are in every checkpoint)
+        W = self.trainer.world_size if self.trainer is not None else 1
+        return {t: MapLoader(TensorDataset(x), min(self.batch_size, len(x) // W), seed=self.seed, drop_last=True)
+                for t, (_, x) in self.inputs.items()}
 
 
 # ----------------------------------------------------------------------------- the FSQ module

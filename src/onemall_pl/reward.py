@@ -55,7 +55,7 @@ from torchmetrics.utilities import dim_zero_cat
 from onemall_pl.artifacts import load_manifest, write_artifact
 from onemall_pl.data.build import assign_splits, is_leave_one_out, iter_request_histories
 from onemall_pl.data.catalog import ItemCatalog
-from onemall_pl.data.datasets import ENUMS, ParquetMapDataset, collate_sequences
+from onemall_pl.data.datasets import ENUMS, MapLoader, ParquetMapDataset, collate_sequences
 from onemall_pl.data.schema import SCENARIOS, SPLITS, DataError
 from onemall_pl.io import read_dataset_info, read_table
 from onemall_pl.metrics import PAD, pad_lists
@@ -211,11 +211,12 @@ class EventsDataModule(pl.LightningDataModule):
         eval_batch_size: exposures per validation / test batch.
         num_workers: DataLoader workers.
         num_price_bands: price bands of the catalogue (quantile bins, :class:`ItemCatalog`).
+        seed: the order of the training exposures, per epoch (:class:`MapLoader`).
     """
 
     def __init__(self, data_dir: str = "data/synth", max_exposure: int = 50, max_click: int = 30,
                  max_order: int = 10, batch_size: int = 1024, eval_batch_size: int = 4096, num_workers: int = 0,
-                 num_price_bands: int = 16):
+                 num_price_bands: int = 16, seed: int = 0):
         super().__init__()
         self.save_hyperparameters()
         self.catalog = ItemCatalog.load(data_dir, num_price_bands=num_price_bands)
@@ -327,14 +328,16 @@ class EventsDataModule(pl.LightningDataModule):
             "req", "user_id", "ts", "scenario", "item", "click", "order", "gmv"],
             collate=partial(_collate_exposures, histories=self.histories, max_len=self.max_len))
         h = self.hparams
-        # Shard by rank here (the DDP trainer configs turn Lightning's sampler injection off);
-        # Lightning calls the sampler's set_epoch. Evaluation shards pad with repeats to even sizes.
+        kw = dict(collate_fn=ds.collate_fn, num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
+        # Shard by rank here (the DDP trainer configs turn Lightning's sampler injection off).
+        # Training: seeded per epoch and resumable mid-epoch (the position is in every checkpoint).
+        if train:
+            return MapLoader(ds, h.batch_size, seed=h.seed, **kw)
+        # Evaluation shards pad with repeats to even sizes.
         sampler = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sampler = DistributedSampler(ds, shuffle=train)
-        return DataLoader(ds, batch_size=h.batch_size if train else h.eval_batch_size,
-                          shuffle=train and sampler is None, sampler=sampler, collate_fn=ds.collate_fn,
-                          num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
+            sampler = DistributedSampler(ds, shuffle=False)
+        return DataLoader(ds, batch_size=h.eval_batch_size, sampler=sampler, **kw)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", True)

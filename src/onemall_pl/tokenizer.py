@@ -44,6 +44,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from onemall_pl.artifacts import ArtifactError, load_manifest, write_artifact
+from onemall_pl.data.datasets import MapLoader
 from onemall_pl.data.schema import RELATIONS, DataError
 from onemall_pl.io import read_table
 from onemall_pl.metrics import recall_at_k, topk_excluding
@@ -200,12 +201,15 @@ class Item2ItemDataModule(pl.LightningDataModule):
 
     def _loader(self, rows: np.ndarray, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
         W, r = self._world()
-        # our own rank sharding (trainer configs set use_distributed_sampler: false)
-        sampler = DistributedSampler(_Rows(rows), num_replicas=W, rank=r, shuffle=shuffle, seed=self.hparams.seed,
-                                     drop_last=drop_last)
-        return DataLoader(_Rows(rows), batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                          collate_fn=self.collate, num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+        # our own rank sharding (trainer configs set use_distributed_sampler: false); the training
+        # loader is seeded per epoch and resumable mid-epoch (its position is in every checkpoint)
+        kw = dict(collate_fn=self.collate, num_workers=self.hparams.num_workers,
+                  persistent_workers=self.hparams.num_workers > 0)
+        if shuffle:
+            return MapLoader(_Rows(rows), batch_size, seed=self.hparams.seed, drop_last=drop_last, rank=r,
+                             world_size=W, **kw)
+        sampler = DistributedSampler(_Rows(rows), num_replicas=W, rank=r, shuffle=False, drop_last=drop_last)
+        return DataLoader(_Rows(rows), batch_size=batch_size, sampler=sampler, drop_last=drop_last, **kw)
 
     def train_dataloader(self) -> DataLoader:
         W, _ = self._world()

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric
 
 from onemall_pl.artifacts import Manifest, load_manifest, write_artifact
+from onemall_pl.data.datasets import MapLoader
 from onemall_pl.io import read_dataset_info, read_table
 from onemall_pl.models.tiger import RQVAE, RQVAEConfig
 from onemall_pl.stage import StageCLI
@@ -86,14 +87,15 @@ class ItemEmbeddingData(pl.LightningDataModule):
             ``auto`` (the tokenizer's when they cover every item, else text).
         batch_size: items per training batch (TIGER: 1024); the first batch initialises the
             codebooks by k-means, so it must hold at least as many items as the largest codebook.
+        seed: the order of the training items, per epoch (:class:`MapLoader`).
     """
 
     def __init__(self, dataset: Path = Path("data/synth"), artifacts: Path = Path("artifacts"),
                  source: Literal["auto", "tokenizer", "text"] = "auto", batch_size: int = 1024,
-                 num_workers: int = 0):
+                 num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.dataset, self.artifacts, self.source = Path(dataset), Path(artifacts), source
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.name = read_dataset_info(self.dataset).name
         self._loaded: dict | None = None
 
@@ -135,8 +137,7 @@ class ItemEmbeddingData(pl.LightningDataModule):
         return int(self.load()["x"].shape[1])
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(TensorDataset(self.load()["x"]), batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, drop_last=False)
+        return MapLoader(TensorDataset(self.load()["x"]), self.batch_size, seed=self.seed, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.load()["x"]), batch_size=8192, num_workers=self.num_workers)

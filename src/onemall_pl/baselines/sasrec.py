@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 from onemall_pl.artifacts import Manifest, load_manifest, write_artifact
 from onemall_pl.baselines import RetrievalEvalHooks
 from onemall_pl.data.catalog import ItemCatalog
-from onemall_pl.data.datasets import ParquetMapDataset, ParquetStream, collate_sequences
+from onemall_pl.data.datasets import MapLoader, ParquetMapDataset, ParquetStream, collate_sequences
 from onemall_pl.data.schema import SCENARIOS
 from onemall_pl.io import read_dataset_info
 from onemall_pl.metrics import PAD as TARGET_PAD
@@ -134,8 +134,7 @@ class SequenceData(pl.LightningDataModule):
                                             columns=["scenario", self.sequence, "targets"])
             return self._train.loader(num_workers=self.num_workers)
         ds = ParquetMapDataset(last_per_user(self.split("train").table), collate=self.collate)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, collate_fn=ds.collate_fn,
-                          num_workers=self.num_workers)
+        return MapLoader(ds, self.batch_size, seed=self.seed, collate_fn=ds.collate_fn, num_workers=self.num_workers)
 
     def _eval_loader(self, split: str, limit: int | None = None) -> DataLoader:
         ds = self.split(split, limit)
