@@ -20,21 +20,10 @@ from onemall_pl.data.schema import DataError
 from onemall_pl.io import read_table
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    from onemall_pl.data.build import build
-    from onemall_pl.data.synth import generate
-
-    out = tmp_path_factory.mktemp("world") / "micro"
-    generate(out, "micro", seed=0)
-    build(dataset=out)
-    return out
-
-
 @pytest.fixture
-def copy(micro, tmp_path):
+def copy(micro_world, tmp_path):
     d = tmp_path / "micro"
-    shutil.copytree(micro, d)
+    shutil.copytree(micro_world, d)
     return d
 
 
@@ -148,7 +137,7 @@ READERS = {  # stage the reader expects -> how it is called on a folder
 
 
 @pytest.mark.parametrize("reader", sorted(READERS))
-def test_every_reader_refuses_an_artifact_whose_hashes_do_not_match(reader, micro, tmp_path):
+def test_every_reader_refuses_an_artifact_whose_hashes_do_not_match(reader, micro_world, tmp_path):
     """A file changed after its stage wrote it: every reader of that stage's artifact fails first,
     with the file named, before it reads anything."""
     stage = reader.split("/")[0]
@@ -163,5 +152,5 @@ def test_every_reader_refuses_an_artifact_whose_hashes_do_not_match(reader, micr
     (folder / "sid_table" / "part-00000.parquet").write_bytes(b"other sids")
     mod, call = READERS[reader]
     with pytest.raises(ArtifactError, match=r"sid_table/part-00000\.parquet does not match its sha256"):
-        call(importlib.import_module(mod), folder, micro)
+        call(importlib.import_module(mod), folder, micro_world)
     assert json.loads((folder / "manifest.json").read_text())["stage"] == stage  # untouched

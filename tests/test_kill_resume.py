@@ -2,10 +2,15 @@
 and ends where an uninterrupted run ends; an export killed at any point leaves the old artifact
 or none, never a partial one.
 
-Training: the SASRec baseline with ``train_rows: all`` (a ParquetStream, so the data position is
-in the checkpoint) and dropout 0.2 (so the restored RNG matters), on the synth micro world.
-The kill comes from outside (SIGKILL as soon as a checkpoint at step >= 6 exists), at whatever
-instruction the process is in, as a real kill would.
+Training, on the synth micro world, for each stage with its own data path: SASRec with
+``train_rows: all`` (a ParquetStream), the reward model (exposures through a MapLoader) and the
+tokenizer (item2item pairs through a MapLoader, the real all-MiniLM text encoder cut to one block).
+Each run has dropout on, so the restored RNG matters, and crosses an epoch. The kill comes from
+outside (SIGKILL as soon as a checkpoint at step >= 4 exists), at whatever instruction the
+process is in, as a real kill would; the same command is then run again with ``--ckpt_path last``.
+Compared with a run never stopped: weights, optimiser state, LR schedulers, RNG and the data
+loader's position, all equal (not close: the same ops on the same data in the same order, one
+CPU thread).
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import torch
 from onemall_pl.artifacts import ArtifactError, load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
-STEPS = 20  # the micro world's train split is 11 batches of 8: the run crosses an epoch
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false"}
+KILL_AT = 4  # the first checkpoint step at or after which the run is killed
 
 CKPT_EVERY_2 = """
 trainer:
@@ -32,6 +38,8 @@ trainer:
   limit_val_batches: 0
   num_sanity_val_steps: 0
   enable_model_summary: false
+  enable_progress_bar: false
+  logger: false
   callbacks:
     - class_path: lightning.pytorch.callbacks.ModelCheckpoint
       init_args:
@@ -39,63 +47,105 @@ trainer:
 """
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    from onemall_pl.data.build import build
-    from onemall_pl.data.synth import generate
-
-    out = tmp_path_factory.mktemp("world") / "micro"
-    generate(out, "micro", seed=0)
-    build(dataset=out)
-    return out
-
-
-def _fit_cmd(micro: Path, tmp: Path, run: Path, *extra: str) -> list[str]:
-    cfg = tmp / "ckpt.yaml"
-    cfg.write_text(CKPT_EVERY_2)
-    return [sys.executable, "-m", "onemall_pl.cli", "sasrec", "fit", "-c", str(ROOT / "configs/sasrec/tiny.yaml"),
-            "-c", str(cfg), "--data.dataset", str(micro), "--data.train_rows", "all", "--data.batch_size", "8",
-            "--model.d_model", "16", "--model.n_layers", "1", "--trainer.max_steps", str(STEPS),
-            "--trainer.default_root_dir", str(run), *extra]
-
-
 def _steps(ckpt_dir: Path) -> list[int]:
     return [int(p.stem.split("step=")[1]) for p in ckpt_dir.glob("epoch=*-step=*.ckpt")]
 
 
-@pytest.mark.slow
-def test_fit_killed_mid_epoch_resumes_to_the_same_end(micro, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    r = subprocess.run(_fit_cmd(micro, tmp_path, a), env=ENV, check=False, capture_output=True, text=True, timeout=600)
+def _load(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def _loader_state(ckpt: dict) -> dict:
+    (state,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    return state
+
+
+def _mid_epoch(ckpt: dict) -> bool:
+    """The checkpoint was taken inside an epoch, and the loader's position is the batches trained."""
+    done = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"]  # saved before "completed"
+    pos = _loader_state(ckpt)
+    if "left" in pos:  # ParquetStream: the batches of the epoch not yet delivered
+        return done > 0 and bool(pos["left"])
+    f = pos["fingerprint"]  # MapLoader: indices of this pass delivered
+    per_epoch = f["rows"] // f["batch_size"] if f["drop_last"] else -(-f["rows"] // f["batch_size"])
+    return 0 < done < per_epoch and pos["start"] == done * f["batch_size"]
+
+
+def kill_and_resume(stage: str, args: list[str], tmp: Path, steps: int) -> None:
+    """``onemall <stage> fit <args>`` for ``steps`` steps, uninterrupted, and the same command with
+    ``--ckpt_path last`` killed mid-epoch then rerun: both end in the same state. ``steps`` is
+    even: ``last.ckpt`` is written every 2 steps."""
+    assert steps % 2 == 0, steps
+    cfg = tmp / "ckpt.yaml"
+    cfg.write_text(CKPT_EVERY_2)
+
+    def cmd(run: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "onemall_pl.cli", stage, "fit", *args, "-c", str(cfg),
+                "--trainer.max_steps", str(steps), "--trainer.default_root_dir", str(run), *extra]
+
+    a, b = tmp / "a", tmp / "b"
+    r = subprocess.run(cmd(a), env=ENV, check=False, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
     # the same command with --ckpt_path last (no checkpoint yet: Lightning starts from scratch), killed
-    cmd = _fit_cmd(micro, tmp_path, b, "--ckpt_path", "last")
-    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    again = cmd(b, "--ckpt_path", "last")
+    p = subprocess.Popen(again, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while p.poll() is None and time.monotonic() < deadline:
-        if any(s >= 6 for s in _steps(b / "checkpoints")):
+        if any(s >= KILL_AT for s in _steps(b / "checkpoints")):
             os.kill(p.pid, signal.SIGKILL)
             break
-        time.sleep(0.02)
+        time.sleep(0.01)
     err = p.communicate(timeout=60)[1]
     assert p.returncode == -signal.SIGKILL, f"finished before the kill:\n{err[-3000:]}"
-    killed = torch.load(b / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    done = killed["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
-    assert 0 < killed["global_step"] < STEPS and 0 < done < 11, "not a mid-epoch checkpoint"
+    killed = _load(b)
+    assert 0 < killed["global_step"] < steps and _mid_epoch(killed), "not a mid-epoch checkpoint"
 
-    r = subprocess.run(cmd, env=ENV, check=False, capture_output=True, text=True, timeout=600)  # rerun: resumes
+    r = subprocess.run(again, env=ENV, check=False, capture_output=True, text=True, timeout=600)  # resumes
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Restoring states from the checkpoint" in r.stderr, r.stderr[-3000:]
-    want, got = (torch.load(d / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True) for d in (a, b))
-    assert got["global_step"] == want["global_step"] == STEPS
-    # equal, not close: the same ops on the same data in the same order, one CPU thread
+    want, got = _load(a), _load(b)
+    assert got["global_step"] == want["global_step"] == steps
+    assert want["epoch"] == got["epoch"] >= 1, "the runs should cross an epoch"
+    assert want["state_dict"].keys() == got["state_dict"].keys()
     for k, v in want["state_dict"].items():
         assert torch.equal(v, got["state_dict"][k]), k
-    for sw, sg in zip(want["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values()):
-        for k in sw:
-            assert torch.equal(torch.as_tensor(sw[k]), torch.as_tensor(sg[k])), k
-    assert torch.equal(want["callbacks"]["RNGState"]["torch"], got["callbacks"]["RNGState"]["torch"])
+    assert len(want["optimizer_states"]) == len(got["optimizer_states"])
+    for ow, og in zip(want["optimizer_states"], got["optimizer_states"]):
+        assert ow["state"].keys() == og["state"].keys()
+        for sw, sg in zip(ow["state"].values(), og["state"].values()):
+            for k in sw:
+                assert torch.equal(torch.as_tensor(sw[k]), torch.as_tensor(sg[k])), k
+    assert want["lr_schedulers"] == got["lr_schedulers"]
+    assert _loader_state(want) == _loader_state(got)
+    rw, rg = want["callbacks"]["RNGState"], got["callbacks"]["RNGState"]
+    assert torch.equal(rw["torch"], rg["torch"]) and rw["python"] == rg["python"]
+    assert torch.equal(rw["numpy"][1], rg["numpy"][1]) and rw["numpy"][2:] == rg["numpy"][2:]
+
+
+@pytest.mark.slow
+def test_sasrec_killed_mid_epoch_resumes_to_the_same_end(micro_world, tmp_path):
+    # the micro world's train split is 11 batches of 8
+    kill_and_resume("sasrec", ["-c", str(ROOT / "configs/sasrec/tiny.yaml"), "--data.dataset", str(micro_world),
+                               "--data.train_rows", "all", "--data.batch_size", "8", "--model.d_model", "16",
+                               "--model.n_layers", "1"], tmp_path, steps=14)
+
+
+@pytest.mark.slow
+def test_reward_killed_mid_epoch_resumes_to_the_same_end(micro_world, tmp_path):
+    # 1,829 training exposures: 8 batches of 256
+    kill_and_resume("reward", ["-c", str(ROOT / "configs/reward/tiny.yaml"), "--data.data_dir", str(micro_world),
+                               "--data.batch_size", "256", "--model.net.dropout", "0.2"], tmp_path, steps=10)
+
+
+@pytest.mark.slow
+def test_tokenizer_killed_mid_epoch_resumes_to_the_same_end(micro_world, tmp_path):
+    # all-MiniLM's first block only, short texts, a small held-out set; 89 training pairs: 11 batches of 8
+    kill_and_resume("tokenizer", ["-c", str(ROOT / "configs/tokenizer/tiny.yaml"), "--data.data_dir", str(micro_world),
+                                  "--model.encoder.text_kwargs", "{num_hidden_layers: 1}",
+                                  "--model.encoder.train_top_layers", "1", "--model.encoder.max_length", "12",
+                                  "--data.batch_size", "8", "--data.max_eval_pairs", "8", "--data.eval_items", "32",
+                                  "--model.artifacts_root", str(tmp_path / "art")], tmp_path, steps=14)
 
 
 # ----------------------------------------------------------------------------- export

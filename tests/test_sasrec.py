@@ -14,17 +14,6 @@ from onemall_pl.models.sasrec import ItemIdTower, SASRecConfig, SASRecUserTower
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory):
-    from onemall_pl.data.build import build
-    from onemall_pl.data.synth import generate
-
-    out = tmp_path_factory.mktemp("world") / "micro"
-    generate(out, "micro", seed=0)
-    build(dataset=out)
-    return out
-
-
 def test_user_tower_is_causal_and_reads_empty_history():
     cfg = SASRecConfig(n_items=10, max_len=6, d_model=16, n_heads=2, dropout=0.0)
     user = SASRecUserTower(cfg, ItemIdTower(10, 16)).eval()
@@ -37,9 +26,9 @@ def test_user_tower_is_causal_and_reads_empty_history():
 
 
 @pytest.mark.parametrize("loss", ["full", "in_batch"])
-def test_overfits_a_tiny_set(micro, loss):
+def test_overfits_a_tiny_set(micro_world, loss):
     torch.manual_seed(0)
-    data = SequenceData(micro, max_len=20)
+    data = SequenceData(micro_world, max_len=20)
     rows = last_per_user(data.split("train").table)
     rows = rows.filter(pc.greater(pc.list_value_length(rows.column("seq_click")), 0)).slice(0, 24)  # distinct inputs
     batch = data.collate(rows)
@@ -55,9 +44,9 @@ def test_overfits_a_tiny_set(micro, loss):
     assert (top1 == batch["targets"]).any(1).float().mean() >= 0.9  # the top item is one of the targets
 
 
-def test_fit_export_retrieve(micro, tmp_path):
+def test_fit_export_retrieve(micro_world, tmp_path):
     art = tmp_path / "artifacts"
-    common = ["-c", str(ROOT / "configs/sasrec/tiny.yaml"), "--data.dataset", str(micro),
+    common = ["-c", str(ROOT / "configs/sasrec/tiny.yaml"), "--data.dataset", str(micro_world),
               "--model.artifacts", str(art), "--trainer.default_root_dir", str(tmp_path / "run"),
               "--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1",
               "--model.d_model", "16", "--model.n_layers", "1", "--data.max_len", "10"]
@@ -67,14 +56,14 @@ def test_fit_export_retrieve(micro, tmp_path):
     assert m.sizes["d_model"] == 16 and set(m.metrics) == {"valid", "test"}
     test = m.metrics["test"]
     assert 0.0 <= test["overall"]["HR@50"] <= test["overall"]["HR@500"] <= 1.0
-    retriever = SASRecRetriever.from_artifact(art / "micro" / "sasrec", micro)
-    again = replay(retriever, micro, "test", hr_k=(50, 100, 500), ndcg_k=(10,))
+    retriever = SASRecRetriever.from_artifact(art / "micro" / "sasrec", micro_world)
+    again = replay(retriever, micro_world, "test", hr_k=(50, 100, 500), ndcg_k=(10,))
     assert again["overall"] == pytest.approx(test["overall"])  # the artifact reproduces its metrics
     # faiss (flat inner product) ranks as the exact torch top-K does
-    data = SequenceData(micro, max_len=10)
+    data = SequenceData(micro_world, max_len=10)
     rows = data.split("test").table.slice(0, 8)
     exact = retriever.module.topk(data.collate(rows)["seq"], 5)
-    any_type = SASRecRetriever.from_artifact(art / "micro" / "sasrec", micro, by_scenario_type=False)
+    any_type = SASRecRetriever.from_artifact(art / "micro" / "sasrec", micro_world, by_scenario_type=False)
     assert torch.equal(torch.from_numpy(retriever.catalog.ids_of(exact - 1)), any_type.retrieve(rows, 5))
     # by default a request is answered from its scenario's item type, as OneMall does
     from onemall_pl.data.schema import ITEM_TYPES
