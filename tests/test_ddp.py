@@ -1,12 +1,21 @@
-"""DDP on CPU (gloo, 2 processes): metrics reduce across ranks to the one-process value, and a
-stage launched with ``configs/trainer/ddp.yaml`` trains each rank on its own share of the data.
+"""DDP on CPU (gloo, 2 processes): metrics reduce across ranks to the one-process value, the
+two-tower module's in-batch negatives gathered across ranks give the one-process loss and
+gradients, and a stage launched with ``configs/trainer/ddp.yaml`` trains each rank on its own
+share of the data.
 
-Covered elsewhere: cross-rank negatives, identical MoE biases and HR@K over 2 ranks = over 1 for
-the pretrain stage (tests/test_pretrain.py), gathered negatives of the tokenizer
-(tests/test_tokenizer.py), rank sharding of the Parquet stream (tests/test_datasets.py)."""
+The helpers here are the project's one way to run a test on 2 ranks: :func:`run_ranks` (a function
+per rank, spawned), :func:`fit_ddp` (the `onemall <stage> fit` command, re-launched by Lightning),
+:func:`fit_stages_ddp` (several stages' fits in one world), with :class:`SeenRows` recording what
+each rank trained on and :func:`assert_disjoint_shares` checking it. tests/test_ddp_stages.py uses
+them for quantize, rl, sasrec, rqvae and tiger. Covered beside their stages: cross-rank negatives,
+identical MoE biases and HR@K over 2 ranks = over 1 for pretrain (tests/test_pretrain.py),
+gathered negatives of the tokenizer (tests/test_tokenizer.py), rank sharding of the Parquet
+stream (tests/test_datasets.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import queue
@@ -14,11 +23,13 @@ import socket
 import subprocess
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from lightning.pytorch.callbacks import Callback
 
 from onemall_pl.data.schema import SCENARIOS
 
@@ -76,7 +87,9 @@ def _rank_main(fn, rank: int, world: int, port: int, init_group: bool, q, args) 
     if init_group:
         dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        q.put((rank, fn(rank, world, *args)))
+        buf = io.BytesIO()  # bytes, not tensors: a tensor in a queue is shared through the sender, gone once it exits
+        torch.save(fn(rank, world, *args), buf)
+        q.put((rank, buf.getvalue()))
     except BaseException:  # reported to the parent, which fails the test
         q.put((rank, _Failed(traceback.format_exc())))
         raise
@@ -108,7 +121,7 @@ def run_ranks(fn, *args, world: int = 2, init_group: bool = True, timeout: float
                 assert waited < timeout, f"ranks still running after {timeout} s"
                 continue
             assert not isinstance(res, _Failed), f"rank {rank} failed:\n{res}"
-            got[rank] = res
+            got[rank] = torch.load(io.BytesIO(res), weights_only=True)
         for p in procs:
             p.join(timeout=60)
             assert p.exitcode == 0, p.exitcode
@@ -144,24 +157,131 @@ def test_metrics_over_two_ranks_equal_one():
 
 # ----------------------------------------------------------------------------- a stage under ddp.yaml
 
-RECORDER = '''
-import json, os
-from lightning.pytorch.callbacks import Callback
+
+def row_digests(batch, prefix: str = "") -> dict[str, list[str]]:
+    """``{path: [digest of row 0, row 1, ...]}`` for every tensor of a (nested dict / list) batch,
+    the path naming it (``click.sid``, ``product.0``): what identifies the rows a rank was given."""
+    if isinstance(batch, dict):
+        items = batch.items()
+    elif isinstance(batch, list | tuple):
+        items = enumerate(batch)
+    else:
+        if isinstance(batch, torch.Tensor) and batch.ndim:
+            rows = batch.detach().cpu().contiguous().reshape(len(batch), -1).numpy()
+            return {prefix: [hashlib.sha1(r.tobytes()).hexdigest()[:16] for r in rows]}
+        return {}
+    out: dict[str, list[str]] = {}
+    for k, v in items:
+        out.update(row_digests(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
 
 
-class SeenExposures(Callback):
-    """Writes the (user, ts, item) of every training exposure this rank saw."""
+def row_keys(digests: dict[str, list[str]], paths: Sequence[str]) -> list[tuple[str, ...]]:
+    """The rows as tuples of their digests at ``paths``."""
+    return list(zip(*(digests[p] for p in paths)))
 
-    def __init__(self, out: str):
-        self.out, self.seen = out, []
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """One digest of every tensor of the module's state dict (bit-exact)."""
+    h = hashlib.sha1()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class SeenRows(Callback):
+    """Run inside `onemall <stage> fit` (``--trainer.callbacks+=test_ddp.SeenRows``): writes the
+    :func:`row_digests` of every training batch this rank was given and the digest of its weights
+    after training to ``<out>/seen<rank>.json``.
+    ``export``: at the end of training every rank calls the module's ``export_artifact(trainer,
+    datamodule, <out>/artifact)`` (rank 0 must write it, the others return None)."""
+
+    def __init__(self, out: str, export: bool = False):
+        self.out, self.export, self.seen = Path(out), export, {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.seen += list(zip(batch["user_id"].tolist(), batch["ts"].tolist(), batch["item"].tolist()))
+        for k, v in row_digests(batch).items():
+            self.seen.setdefault(k, []).extend(v)
 
     def on_train_end(self, trainer, pl_module):
-        with open(os.path.join(self.out, f"seen{trainer.global_rank}.json"), "w") as f:
-            json.dump({"world": trainer.world_size, "seen": self.seen}, f)
-'''
+        rec = {"world": trainer.world_size, "seen": self.seen, "steps": trainer.global_step,
+               "weights": weights_digest(pl_module)}
+        if self.export:
+            m = pl_module.export_artifact(trainer, trainer.datamodule, self.out / "artifact")
+            rec["exported"] = m is not None
+            trainer.strategy.barrier()  # rank 1 records after rank 0 has written
+            rec["artifact_seen_by_rank"] = (self.out / "artifact" / "manifest.json").exists()
+        (self.out / f"seen{trainer.global_rank}.json").write_text(json.dumps(rec))
+
+
+def ddp_args(out: Path, export: bool = False) -> list[str]:
+    """The arguments that put `onemall <stage> fit` on 2 CPU ranks under ddp.yaml, with :class:`SeenRows`."""
+    return ["-c", str(ROOT / "configs/trainer/ddp.yaml"), "--allow_any_class", "--trainer.accelerator", "cpu",
+            "--trainer.devices", "2", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+            "--trainer.callbacks+=test_ddp.SeenRows", f"--trainer.callbacks.out={out}",
+            f"--trainer.callbacks.export={str(export).lower()}"]
+
+
+def read_seen(out: Path, export: bool = False) -> list[dict]:
+    """Each rank's :class:`SeenRows` record, after checking that both ranks end with the same weights
+    and, with ``export``, that rank 0 alone wrote the artifact."""
+    seen = [json.loads((out / f"seen{k}.json").read_text()) for k in (0, 1)]
+    assert [s["world"] for s in seen] == [2, 2]
+    assert seen[0]["weights"] == seen[1]["weights"], "the ranks ended with different weights"
+    if export:
+        assert [s["exported"] for s in seen] == [True, False]  # rank 0 wrote, rank 1 returned None
+        assert all(s["artifact_seen_by_rank"] for s in seen)
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    return seen
+
+
+def fit_ddp(stage: str, args: Sequence[str], out: Path, export: bool = False, timeout: float = 600) -> list[dict]:
+    """``onemall <stage> fit ARGS -c configs/trainer/ddp.yaml --trainer.devices 2`` on CPU, the command
+    a user runs (Lightning re-launches it for rank 1); returns :func:`read_seen`."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "onemall_pl.cli", stage, "fit", *args, *ddp_args(out, export)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "src")])}
+    env.pop("ONEMALL_ALLOW_ANY_CLASS", None)  # the flag itself must reach the re-launched rank
+    r = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=timeout, cwd=out)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return read_seen(out, export)
+
+
+def _fit_stages(rank: int, world: int, runs: list[tuple[str, list[str]]]) -> None:
+    from onemall_pl.cli import main
+
+    for stage, argv in runs:
+        main([stage, "fit", *argv])
+
+
+def fit_stages_ddp(runs: Sequence[tuple[str, Sequence[str], Path, bool]], timeout: float = 600) -> dict[Path, list]:
+    """Several ``(stage, args, out, export)`` fits, one after the other, in one 2-rank world
+    (:func:`run_ranks`; each stage's CLI runs in the rank's process and its trainer joins the world):
+    the processes start once. Returns ``{out: read_seen(out)}``."""
+    for _, _, out, _ in runs:
+        out.mkdir(parents=True, exist_ok=True)
+    run_ranks(_fit_stages, [(stage, [*args, *ddp_args(out, export)]) for stage, args, out, export in runs],
+              init_group=False, timeout=timeout)
+    return {out: read_seen(out, export) for _, _, out, export in runs}
+
+
+def assert_disjoint_shares(seen: list[dict], want: list, paths: Sequence[str], extra: int = 1,
+                           missing: int = 1) -> None:
+    """The rows of the 2 ranks (keyed by ``paths``) together are ``want`` (a multiset), each rank
+    given about half: no row on both ranks beyond ``extra`` repeats that even out the shares
+    (DistributedSampler-style), at most ``missing`` rows left out (even shares, dropped tails)."""
+    from collections import Counter
+
+    got = [Counter(row_keys(s["seen"], paths)) for s in seen]
+    want_c = Counter(want)
+    n = len(want)
+    both = got[0] + got[1]
+    assert sum((both - want_c).values()) <= extra, "rows given to both ranks, or twice to one"
+    assert sum((want_c - both).values()) <= missing, "training rows no rank was given"
+    for g in got:
+        assert sum(g.values()) >= (n - missing) // 2, "a rank was given less than its half"
 
 
 @pytest.mark.slow
@@ -174,33 +294,20 @@ def test_reward_stage_shards_its_data_across_two_ranks(tmp_path):
     from test_reward import planted_dataset
 
     data = planted_dataset(tmp_path)
-    (tmp_path / "recorder_mod.py").write_text(RECORDER)
-    out = tmp_path / "out"
-    out.mkdir()
-    cmd = [sys.executable, "-m", "onemall_pl.cli", "reward", "fit", "-c", str(ROOT / "configs/reward/tiny.yaml"),
-           "-c", str(ROOT / "configs/trainer/ddp.yaml"), "--allow_any_class", "--trainer.accelerator", "cpu",
-           "--trainer.devices", "2", "--trainer.max_epochs", "1", "--trainer.precision", "32-true",
-           "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
-           "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
-           "--trainer.default_root_dir", str(tmp_path / "run"), "--data.data_dir", str(data),
-           "--data.num_price_bands", "4", "--data.batch_size", "256",
-           "--trainer.callbacks+=recorder_mod.SeenExposures", f"--trainer.callbacks.out={out}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "src")])}
-    env.pop("ONEMALL_ALLOW_ANY_CLASS", None)
-    r = subprocess.run(cmd, env=env, check=False, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    seen = [json.loads((out / f"seen{k}.json").read_text()) for k in (0, 1)]
-    assert [s["world"] for s in seen] == [2, 2]
-    s0, s1 = ({tuple(x) for x in s["seen"]} for s in seen)
-    dm = EventsDataModule(str(data), num_price_bands=4)
+    seen = fit_ddp("reward", ["-c", str(ROOT / "configs/reward/tiny.yaml"), "--trainer.max_epochs", "1",
+                              "--trainer.precision", "32-true", "--trainer.limit_val_batches", "0",
+                              "--trainer.num_sanity_val_steps", "0", "--trainer.default_root_dir", str(tmp_path / "run"),
+                              "--data.data_dir", str(data), "--data.num_price_bands", "4", "--data.batch_size", "256"],
+                   tmp_path / "out")
+    dm = EventsDataModule(str(data), num_price_bands=4, batch_size=4096)
     dm.setup("fit")
-    n_train = dm.split_counts["train"]
-    assert len(s0) >= n_train // 2 and len(s1) >= n_train // 2
-    assert len(s0 & s1) <= 1  # disjoint, up to the one row DistributedSampler repeats to even the shares
-    assert len(s0 | s1) == n_train  # together: every training exposure
+    keys = ("user_id", "ts", "item")
+    want = [k for b in dm.train_dataloader() for k in row_keys(row_digests(b), keys)]
+    assert len(want) == dm.split_counts["train"]
+    assert_disjoint_shares(seen, want, keys)
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert state["global_step"] == len(seen[0]["seen"]) // 256 + (len(seen[0]["seen"]) % 256 > 0)
-
+    n0 = len(seen[0]["seen"]["item"])
+    assert state["global_step"] == seen[0]["steps"] == n0 // 256 + (n0 % 256 > 0)
 
 
 # ----------------------------------------------------------------------------- in-batch negatives
@@ -211,7 +318,7 @@ def _tt_batch(rows: slice | list) -> dict:
     item = torch.tensor([1, 2, 3, 4, 5, 1, 2, 6, 7, 3, 8, 2])  # 1, 2, 3 on both halves; 2 twice on the second
     full = {"user": {"clicks": torch.randint(1, 13, (12, 4), generator=g)}, "item": {"item": item},
             "item_id": item, "logq": torch.log(torch.rand(12, generator=g) * 0.5 + 0.01)}
-    take = lambda d: {k: take(v) if isinstance(v, dict) else v[rows] for k, v in d.items()}  # noqa: E731
+    take = lambda d: {k: take(v) if isinstance(v, dict) else v[rows] for k, v in d.items()}
     return take(full)
 
 

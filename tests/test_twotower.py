@@ -39,7 +39,7 @@ def test_logits_mask_duplicates_and_logq():
              "item_id": torch.tensor([5, 6, 5]), "logq": torch.log(torch.tensor([0.5, 0.25, 0.5]))}
     lg = m.logits(batch)
     assert torch.isinf(lg[0, 2]) and torch.isinf(lg[2, 0]) and torch.isfinite(lg.diagonal()).all()
-    m.hparams.logq_correction = False
+    m.logq_correction = False
     lg2 = m.logits(batch)
     torch.testing.assert_close(lg[0, 1], lg2[0, 1] - np.log(0.25))
 

@@ -573,7 +573,7 @@ class QuantizeModule(pl.LightningModule):
         return torch.optim.AdamW(params, lr=self.hparams.lr) if params else None
 
     @torch.no_grad()
-    def export_artifact(self, trainer, datamodule: QuantizeDataModule, out: Path | None = None) -> Manifest:
+    def export_artifact(self, trainer, datamodule: QuantizeDataModule, out: Path | None = None) -> Manifest | None:
         if datamodule is None:
             raise ValueError("quantize export needs the data module (pass the same config as fit)")
         dm = datamodule
@@ -592,6 +592,8 @@ class QuantizeModule(pl.LightningModule):
                                                  for k, v in self.hparams.items()}}
         extra = {"live_at": dm.info.get("live_at"), "inputs": dm.info}
         files = {"twotower.pt": dm.cache_dir / "twotower.pt"} if "live" in dm.types else {}
+        if trainer is not None and not trainer.is_global_zero:
+            return None  # rank 0 writes
         return publish(out, dm.upstream, config, dict(self.tokenizers), self.codebook_sizes, ids, types, codes,
                        click_popularity(dm.data_dir, ids), extra, files)
 

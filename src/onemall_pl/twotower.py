@@ -61,11 +61,20 @@ class TwoTowerModule(pl.LightningModule):
                  recall_k: Sequence[int] = (1, 10)):
         super().__init__()
         self.save_hyperparameters(ignore=["user_tower", "item_tower"])
+        # attributes, not hparams: a subclass's save_hyperparameters (SASRec) replaces the hparams
+        self.temperature, self.logq_correction = temperature, logq_correction
         self.model = TwoTower(user_tower, item_tower)
-        self.val_loss = MeanMetric()
+        sync = {"distributed_available_fn": self._in_world}
+        self.val_loss = MeanMetric(**sync)
         self._seen = 0  # validation query ids so far in the epoch
-        self.val_recall = MetricCollection({f"recall@{k}": RetrievalRecall(top_k=k) for k in recall_k},
+        self.val_recall = MetricCollection({f"recall@{k}": RetrievalRecall(top_k=k, **sync) for k in recall_k},
                                            prefix="val/")
+
+    def _in_world(self) -> bool:
+        """Whether the metrics sync over ranks: when this module's trainer has several, not when a
+        one-device trainer runs in a process of a larger world (quantize's live two-tower, trained
+        by rank 0 while it prepares the data; syncing would wait on ranks that are not there)."""
+        return self._trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_initialized()
 
     def encode_users(self, feats: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.model.user_tower(feats)
@@ -87,12 +96,12 @@ class TwoTowerModule(pl.LightningModule):
         ids_B = batch["item_id"]
         b = len(ids_B)
         n = int(self._gather(torch.tensor([b], device=ids_B.device)).max())  # ranks' last batches may differ
-        logq_B = batch["logq"] if self.hparams.logq_correction and "logq" in batch else v_BD.new_zeros(b)
+        logq_B = batch["logq"] if self.logq_correction and "logq" in batch else v_BD.new_zeros(b)
         v_ND = self._gather(F.pad(v_BD, (0, 0, 0, n - b)), sync_grads=True)
         ids_N = self._gather(F.pad(ids_B, (0, n - b)))
         logq_N = self._gather(F.pad(logq_B.to(v_BD.dtype), (0, n - b)))
         real_N = self._gather(F.pad(torch.ones_like(ids_B), (0, n - b))).bool()  # gloo gathers no bool
-        logits_BN = u_BD @ v_ND.T / self.hparams.temperature - logq_N[None, :]
+        logits_BN = u_BD @ v_ND.T / self.temperature - logq_N[None, :]
         cols_N = torch.arange(len(ids_N), device=ids_B.device)
         own_BN = cols_N[None, :] == self.labels(b, n)[:, None]
         masked_BN = ((ids_B[:, None] == ids_N[None, :]) & ~own_BN) | ~real_N[None, :]

@@ -195,10 +195,14 @@ class RQVAEModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         (x_ND,) = batch
         if not bool(self.model.quantizer.initialised):
-            if len(x_ND) < max(self.hparams.codebook_sizes):
-                raise ValueError(f"the first batch holds {len(x_ND)} items, fewer than the largest codebook "
+            # the first batch of every rank (all of them under DDP): each rank clusters the same
+            # latents, so the codebooks (parameters, never broadcast after the start) stay identical
+            z_ND = self.model.encoder(x_ND)
+            z_ND = self.all_gather(z_ND).reshape(-1, z_ND.shape[-1]) if self.trainer.world_size > 1 else z_ND
+            if len(z_ND) < max(self.hparams.codebook_sizes):
+                raise ValueError(f"the first batch holds {len(z_ND)} items, fewer than the largest codebook "
                                  f"{max(self.hparams.codebook_sizes)}: raise data.batch_size or lower codebook_sizes")
-            self.model.quantizer.kmeans_init(self.model.encoder(x_ND), seed=self.hparams.kmeans_seed)
+            self.model.quantizer.kmeans_init(z_ND, seed=self.hparams.kmeans_seed)
             self.recon_at_init.fill_(self.reconstruction_error(self.trainer.datamodule.load()["x"]))
         out = self.model(x_ND)
         self.log_dict({"train/loss": out["loss"], "train/recon": out["recon"], "train/commit": out["commit"],
