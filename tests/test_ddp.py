@@ -362,6 +362,7 @@ def _tt_rank(rank: int, world: int, root: str):
     return loss, grads, uneven
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_twotower_negatives_gathered_across_ranks(tmp_path):
     """2 ranks with 6 rows each train on the loss and gradients of 1 process with the 12 rows:
