@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from onemall_pl.artifacts import load_manifest
-from onemall_pl.baselines.rqvae import add_collision_suffix, main, read_sid_table
+from onemall_pl.baselines.rqvae import add_collision_suffix, live_stream_embeddings, main, read_sid_table
 from onemall_pl.data.schema import DatasetInfo
-from onemall_pl.io import write_dataset_info, write_table
+from onemall_pl.io import read_table, write_dataset_info, write_table
 from onemall_pl.models.tiger import RQVAE, RQVAEConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,3 +89,21 @@ def test_stage_fit_and_export(tiny_items_dataset, tmp_path):
     assert m.metrics["recon_error"] < m.metrics["recon_error_at_kmeans_init"]
     assert m.config["embedding_source"] == "text"
     assert pq.read_table(m.file("sid_table")).num_rows == len(ids)
+
+
+def test_live_streams_take_the_mean_embedding_of_the_products_they_sell(micro_world):
+    """Stage 1 embeds products and videos, not live-streams: RQ-VAE's input for a live-stream is the
+    mean of its scheduled products' embeddings, so TIGER tokenizes every item from stage 1."""
+    items = read_table(micro_world, "items", columns=["item_id", "item_type"])
+    types = np.asarray(items.column("item_type").to_pylist())
+    ids = items.column("item_id").to_numpy()[types != "live"]
+    emb = np.random.default_rng(0).normal(size=(len(ids), 4)).astype(np.float32)
+    all_ids, all_emb = live_stream_embeddings(micro_world, ids, emb)
+    lives = set(items.column("item_id").to_numpy()[types == "live"].tolist())
+    assert set(all_ids[len(ids):].tolist()) == lives
+    sched = read_table(micro_world, "live_schedule", columns=["live_id", "product_id"]).to_pylist()
+    live = int(all_ids[len(ids)])
+    prods = [r["product_id"] for r in sched if r["live_id"] == live]
+    pos = {int(i): r for r, i in enumerate(ids)}
+    np.testing.assert_allclose(all_emb[len(ids)], emb[[pos[p] for p in prods]].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(all_emb[:len(ids)], emb)

