@@ -6,8 +6,10 @@
 #   make paper                                               every paper table at the chosen scale
 #   make bench                                               benchmark figures
 #
-# DATASET=synth|ml100k|<name of a folder under data/>, PRESET=tiny|paper (the stage configs
-# configs/<stage>/$(PRESET).yaml; the world's size follows PRESET for synth). Each stage target
+# DATASET=synth|ml100k|<name of a folder under data/>, PRESET=micro|tiny|paper (the stage configs
+# configs/<stage>/$(PRESET).yaml; the world's size follows PRESET for synth; micro runs the tiny
+# configs on the micro world, and STAGE_ARGS=--trainer.max_steps=3 cuts every stage to a smoke test,
+# as tests/test_pipeline.py does). Each stage target
 # is its artifact's manifest.json: it reruns only when its config or its upstream changed, and a
 # killed run resumes from its last checkpoint (`fit --ckpt_path last`) when rerun.
 SHELL := /bin/bash
@@ -26,8 +28,11 @@ ART := $(ART_ROOT)/$(DATASET)
 RUNS := $(RUNS_ROOT)/$(DATASET)
 # world size of the simulator for each preset (paper-scale configs train on the medium world)
 WORLD_PRESET ?= $(if $(filter micro tiny small medium large,$(PRESET)),$(PRESET),medium)
-# stage configs: configs/<stage>/<CONFIG_PRESET>.yaml (ml100k has its own where the defaults differ)
+# stage configs: configs/<stage>/<DATASET>.yaml where one exists (ml100k), else <CONFIG_PRESET>.yaml, else
+# tiny.yaml (the micro world has no configs of its own: it runs the tiny ones, cut by STAGE_ARGS)
 CONFIG_PRESET ?= $(PRESET)
+# extra LightningCLI arguments for every stage's fit and export, e.g. STAGE_ARGS=--trainer.max_steps=4
+STAGE_ARGS ?=
 PYTEST_ARGS ?=
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE := 1
@@ -68,11 +73,11 @@ define fit_export
 	@if [ -d $(RUNS)/$(1) ]; then for p in $(filter-out install,$^); do \
 	  if [ "$$p" -nt $(RUNS)/$(1)/checkpoints/last.ckpt ]; then echo "inputs of $(1) changed: new run"; \
 	  rm -rf $(RUNS)/$(1); break; fi; done; fi
-	$(ONEMALL) $(firstword $(subst _, ,$(1))) fit -c $(2) --trainer.default_root_dir $(RUNS)/$(1) $(3) --ckpt_path last
-	$(ONEMALL) $(firstword $(subst _, ,$(1))) export -c $(2) --trainer.default_root_dir $(RUNS)/$(1) $(3)
+	$(ONEMALL) $(firstword $(subst _, ,$(1))) fit -c $(2) --trainer.default_root_dir $(RUNS)/$(1) $(3) $(STAGE_ARGS) --ckpt_path last
+	$(ONEMALL) $(firstword $(subst _, ,$(1))) export -c $(2) --trainer.default_root_dir $(RUNS)/$(1) $(3) $(STAGE_ARGS)
 endef
 DATA_ARGS = --data.data_dir $(DATA_DIR) --model.artifacts_root $(ART_ROOT)
-cfg = $(firstword $(wildcard configs/$(1)/$(DATASET).yaml) configs/$(1)/$(CONFIG_PRESET).yaml)
+cfg = $(firstword $(wildcard configs/$(1)/$(DATASET)$(2).yaml configs/$(1)/$(CONFIG_PRESET)$(2).yaml) configs/$(1)/tiny$(2).yaml)
 
 $(DATA_DIR)/dataset.json: | install
 ifeq ($(DATASET),synth)
@@ -96,16 +101,16 @@ $(ART)/quantize/manifest.json: $(call cfg,quantize) $(ART)/tokenizer/manifest.js
 	$(call fit_export,quantize,$(call cfg,quantize),$(DATA_ARGS) --data.tokenizer_dir $(ART)/tokenizer)
 
 $(ART)/pretrain/manifest.json: $(call cfg,pretrain) $(ART)/quantize/manifest.json | install
-	$(call fit_export,pretrain,$(call cfg,pretrain),$(DATA_ARGS))
+	$(call fit_export,pretrain,$(call cfg,pretrain),$(DATA_ARGS) --data.sid_artifact $(ART)/quantize)
 
 $(ART)/reward/manifest.json: $(call cfg,reward) $(DATA_DIR)/samples | install
 	$(call fit_export,reward,$(call cfg,reward),$(DATA_ARGS))
 
-$(ART)/rl_dpo/manifest.json: configs/rl/$(CONFIG_PRESET)_dpo.yaml $(ART)/pretrain/manifest.json $(ART)/reward/manifest.json | install
-	$(call fit_export,rl_dpo,configs/rl/$(CONFIG_PRESET)_dpo.yaml,$(DATA_ARGS))
+$(ART)/rl_dpo/manifest.json: $(call cfg,rl,_dpo) $(ART)/pretrain/manifest.json $(ART)/reward/manifest.json | install
+	$(call fit_export,rl_dpo,$(call cfg,rl,_dpo),$(DATA_ARGS) --data.sid_artifact $(ART)/quantize)
 
-$(ART)/rl_grpo/manifest.json: configs/rl/$(CONFIG_PRESET)_grpo.yaml $(ART)/pretrain/manifest.json $(ART)/reward/manifest.json | install
-	$(call fit_export,rl_grpo,configs/rl/$(CONFIG_PRESET)_grpo.yaml,$(DATA_ARGS))
+$(ART)/rl_grpo/manifest.json: $(call cfg,rl,_grpo) $(ART)/pretrain/manifest.json $(ART)/reward/manifest.json | install
+	$(call fit_export,rl_grpo,$(call cfg,rl,_grpo),$(DATA_ARGS) --data.sid_artifact $(ART)/quantize)
 
 # baselines of Table 2 (their data modules take the dataset folder as `dataset`)
 BASE_ARGS = --data.dataset $(DATA_DIR)
@@ -117,7 +122,7 @@ $(ART)/tiger/manifest.json: $(call cfg,tiger) $(ART)/rqvae/manifest.json | insta
 	$(call fit_export,tiger,$(call cfg,tiger),$(BASE_ARGS) --data.artifacts $(ART_ROOT))
 
 $(ART)/sasrec/manifest.json: $(call cfg,sasrec) $(DATA_DIR)/samples | install
-	$(call fit_export,sasrec,$(call cfg,sasrec),$(BASE_ARGS))
+	$(call fit_export,sasrec,$(call cfg,sasrec),$(BASE_ARGS) --model.artifacts $(ART_ROOT))
 
 # evaluate: Table 2 (OneMall vs TIGER vs SASRec) and, with RL policies, Table 4 + the offline A/B
 EVAL_POLICIES := $(ART)/rl_dpo/manifest.json $(ART)/rl_grpo/manifest.json
@@ -128,7 +133,8 @@ $(ART)/evaluate/manifest.json: $(ART)/pretrain/manifest.json $(ART)/rqvae/manife
 
 # the paper's tables that need extra runs: Table 1 + 6 (pretrain sweep), Table 5 (quantize ablate)
 $(ART)/pretrain_sweep/manifest.json: $(call cfg,pretrain) $(ART)/quantize/manifest.json | install
-	$(ONEMALL) pretrain sweep -c $(call cfg,pretrain) --data.data_dir $(DATA_DIR) --model.artifacts_root $(ART_ROOT)
+	$(ONEMALL) pretrain sweep -c $(call cfg,pretrain) --data.data_dir $(DATA_DIR) --model.artifacts_root $(ART_ROOT) \
+	  --data.sid_artifact $(ART)/quantize
 
 $(ART)/reports/table5.json: $(ART)/quantize/manifest.json | install
 	$(ONEMALL) quantize ablate --artifact $(ART)/quantize
