@@ -219,7 +219,7 @@ class RQVAEModule(pl.LightningModule):
             # the first batch of every rank (all of them under DDP): each rank clusters the same
             # latents, so the codebooks (parameters, never broadcast after the start) stay identical
             z_ND = self.model.encoder(x_ND)
-            z_ND = self.all_gather(z_ND).reshape(-1, z_ND.shape[-1]) if self.trainer.world_size > 1 else z_ND
+            z_ND = self.all_gather(z_ND).reshape(-1, z_ND.shape[-1])  # one process: z_ND itself
             if len(z_ND) < max(self.hparams.codebook_sizes):
                 raise ValueError(f"the first batch holds {len(z_ND)} items, fewer than the largest codebook "
                                  f"{max(self.hparams.codebook_sizes)}: raise data.batch_size or lower codebook_sizes")
