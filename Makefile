@@ -37,6 +37,9 @@ PYTEST_ARGS ?=
 export PYTHONHASHSEED := 0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# one intra-op thread per process (torchrun's default too): on a shared or loaded CPU, torch's
+# multi-thread pool spins against other jobs and runs several times slower (docs/decisions.md)
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: help install test test-fast run data tokenizer quantize pretrain reward rl baselines evaluate report \
         paper bench clean clean-runs
