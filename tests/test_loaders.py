@@ -82,6 +82,16 @@ def test_ml100k_bad_files_are_named_and_nothing_is_written(tmp_path, kw, match):
 
 
 @pytest.mark.slow
+def test_ml100k_ties_keep_the_file_order_one_second_apart():
+    """Two ratings of one user in the same second: the file's order, 1 s apart, so the later one's
+    history (events strictly before it) holds the earlier one; other users' times are untouched."""
+    inter = ("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+             "7\t302\t4\t100\n7\t242\t5\t100\n7\t377\t3\t101\n8\t242\t3\t100\n")
+    ev = ml100k.parse({"inter": inter, "item": ML_ITEM, "user": ML_USER.replace("196", "7").replace("186", "8")})["events"]
+    got = sorted(zip(ev.column("user_id").to_pylist(), ev.column("ts").to_pylist(), ev.column("item_id").to_pylist()))
+    assert got == [(7, 100, 302), (7, 101, 242), (7, 102, 377), (8, 100, 242)]
+
+
 def test_ml100k_real_wheel(tmp_path):
     """Downloads recbole==1.2.1 (2 MB) with pip and loads the real MovieLens-100K."""
     ml100k.load(out=tmp_path / "ml", cache_dir=tmp_path / "cache")

@@ -19,7 +19,10 @@ Mapping into the contract (MovieLens has no funnel, prices or shops):
   item_id)``) in scenario ``product_card`` with one exposure that is clicked (an
   interaction, as the SASRec / TIGER literature counts every rating); a rating >= 4 is
   also an ``order`` with ``gmv = 1.0`` (one unit; there are no prices). ``ts`` = the
-  rating's Unix timestamp (seconds).
+  rating's Unix timestamp (seconds), made strictly increasing per user: half of the ratings tie
+  with another of the same user's to the second; ties keep the file's order and are spread one
+  second apart (52,556 ratings move, by at most 9 s), so every earlier rating is in a request's
+  history, as in the literature's leave-one-out sequences.
 - users: ``user_id`` with ``age``, ``gender``, ``occupation``, ``zip_code`` as strings
   (categorical features).
 - split: leave-one-out per user (``onemall data build``): the user's last interaction is
@@ -122,6 +125,17 @@ def _numbers(fields: list[list[str]], pos: dict[str, int], name: str, file: str,
         raise
 
 
+def _strictly_increasing_per_user(user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """``ts`` (sorted by user, then time) made strictly increasing within each user with the least
+    change: ``ts_i = max(ts_i, ts_{i-1} + 1)``, i.e. ``k + cummax(ts - k)`` for the k-th rating."""
+    start = np.r_[True, user[1:] != user[:-1]]
+    group = np.cumsum(start) - 1
+    k = np.arange(len(ts)) - np.flatnonzero(start)[group]
+    span = int(ts.max() - ts.min()) + len(ts) + 1
+    v = ts - k + group * span  # offsets keep each user's running maximum to itself
+    return np.maximum.accumulate(v) - group * span + k
+
+
 def parse(texts: dict[str, str], source: str = "ml-100k") -> dict[str, pa.Table]:
     """The contract tables (items, events, users, categories) from the three atomic files' text.
 
@@ -158,6 +172,12 @@ def parse(texts: dict[str, str], source: str = "ml-100k") -> dict[str, pa.Table]
     item = _numbers(fields, pos, "item_id", f_inter, np.int64)
     rating = _numbers(fields, pos, "rating", f_inter, np.float32)
     ts = _numbers(fields, pos, "timestamp", f_inter, np.int64)
+    # ties: half of the ratings share their second with another of the same user's; the file's
+    # order breaks them (as RecBole / SASRec's stable sort by time does), and they are spread one
+    # second apart, so a request's history ("events strictly before it") holds every earlier rating
+    order = np.lexsort((np.arange(len(user)), ts, user))
+    user, item, rating, ts = user[order], item[order], rating[order], ts[order]
+    ts = _strictly_increasing_per_user(user, ts)
     order = np.lexsort((item, user, ts))
     user, item, rating, ts = user[order], item[order], rating[order], ts[order]
     n = len(user)
