@@ -153,7 +153,11 @@ evaluate: $(ART)/evaluate/manifest.json
 report: | install
 	$(ONEMALL) report --dataset $(DATASET) --artifacts $(ART_ROOT) --runs $(RUNS_ROOT)
 
-run: install data tokenizer pretrain reward rl baselines evaluate
+# the stages that do not wait on each other run side by side, JOBS at a time (reward and the
+# baselines beside the tokenizer -> quantize -> pretrain -> rl chain); one thread each (OMP_NUM_THREADS)
+JOBS ?= 2
+run: install
+	@$(MAKE) --no-print-directory -j$(JOBS) data tokenizer pretrain reward rl baselines evaluate
 	@$(MAKE) --no-print-directory report
 	@echo "pipeline done: the report is $(ART)/report/report.md (and report.html beside it)"
 
