@@ -353,6 +353,14 @@ def _remaining(ranges: Ranges, num_workers: int, delivered: int) -> Ranges:
 # ----------------------------------------------------------------------------- stream
 
 
+def _check_fingerprint(saved: Mapping[str, Any], mine: Mapping[str, Any], what: str) -> None:
+    """Refuse a resume state made with another setup (batch size, seed, ranks, rows, ...)."""
+    diff = {k: (v, mine.get(k)) for k, v in saved.items() if mine.get(k) != v}
+    if diff:
+        raise ValueError(f"cannot resume the {what}: the saved state was made with a different setup, "
+                         f"(saved, now) = {diff}")
+
+
 class ParquetStream(IterableDataset):
     """Batches of one table's Parquet shards, split across DDP ranks and DataLoader workers.
 
@@ -497,11 +505,7 @@ class ParquetStream(IterableDataset):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; the next pass yields exactly the batches left."""
-        mine = self._fingerprint()
-        diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
-        if diff:
-            raise ValueError("cannot resume the stream: the saved state was made with a different "
-                             f"setup, (saved, now) = {diff}")
+        _check_fingerprint(state["fingerprint"], self._fingerprint(), "stream")
         self.epoch = int(state["epoch"])
         self._left = None if state["left"] is None else [tuple(r) for r in state["left"]]
         self._pass, self._delivered = None, 0
@@ -809,11 +813,7 @@ class MapLoader(DataLoader):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from :meth:`state_dict`; the next pass yields exactly the batches left."""
-        mine = self._fingerprint()
-        diff = {k: (v, mine.get(k)) for k, v in state["fingerprint"].items() if mine.get(k) != v}
-        if diff:
-            raise ValueError("cannot resume the loader: the saved state was made with a different setup, "
-                             f"(saved, now) = {diff}")
+        _check_fingerprint(state["fingerprint"], self._fingerprint(), "loader")
         s: ResumableSampler = self.sampler
         s.epoch, s.passes, s.start = int(state["epoch"]), int(state["passes"]), int(state["start"])
 
